@@ -26,6 +26,79 @@ def main() -> None:
 
 # --- section: features ---
 
+
+def parse_frame_counts(ctx, param, value: str) -> tuple[int, ...]:
+    """Parse ``24,32,48`` into sorted unique positive ints, refusing anything else with the allowed range."""
+    try:
+        counts = sorted({int(x) for x in str(value).split(",") if x.strip()})
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give comma-separated frame counts, e.g. 24,32,48") from None
+    if not counts or counts[0] < 1 or counts[-1] > 512:
+        raise click.BadParameter(f"{value!r}: each frame count must be in 1..512")
+    return tuple(counts)
+
+
+def parse_shard(ctx, param, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give i/n, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise click.BadParameter(f"{value!r}: need 0 <= i < n")
+    return (i, n)
+
+
+def backbone_options(f):
+    """The options that choose and load the backbone, shared by every command that builds one."""
+    f = click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the random backbone (--no-pretrained) and of everything random.")(f)
+    f = click.option("--image-size", type=click.IntRange(32, 1024), default=None,
+                     help="Input size (square); default: the backbone's own (299 for inception_resnet_v2).")(f)
+    f = click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Local .pth/.safetensors backbone weights (instead of the timm hub).")(f)
+    f = click.option("--pretrained/--no-pretrained", default=True, show_default=True,
+                     help="ImageNet weights from the timm hub cache, or a random backbone (tests, demo).")(f)
+    f = click.option("--backbone", default="inception_resnet_v2.tf_in1k", show_default=True,
+                     help="timm model name.")(f)
+    return f
+
+
+@main.command("features")
+@click.option("--data", type=click.Path(exists=True, file_okay=False), required=True, help="Dataset folder.")
+@click.option("--cache", type=click.Path(dir_okay=False), default="cache/features.h5", show_default=True)
+@click.option("--models", type=click.Path(file_okay=False), default="models", show_default=True,
+              help="Output folder (holds the split file every stage reuses).")
+@click.option("--frames", default="24,32,48", show_default=True, callback=parse_frame_counts,
+              help="Frame counts to serve; the union of their frame indices is decoded once.")
+@click.option("--tta/--no-tta", default=True, show_default=True,
+              help="Cache all five TTA variants, or only the original.")
+@backbone_options
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True, help="Decoder worker processes.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True, help="Frames per forward.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Process at most N more videos (quick runs).")
+@click.option("--shard", default=None, callback=parse_shard, help="i/n: this process handles every n-th video.")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CPU, fp16 on CUDA.")
+def features_cmd(data, cache, models, frames, tta, backbone, pretrained, weights, image_size, seed, device, workers,
+                 batch_size, limit, shard, amp):
+    """Decode every video once, run TTA + backbone, and store per-frame features in an HDF5 cache (resumable)."""
+    from arena.features import extract_features
+
+    summary = extract_features(
+        data=data, cache=cache, models=models, frame_counts=frames, tta=tta, backbone=backbone,
+        pretrained=pretrained and weights is None, weights=weights, image_size=image_size, seed=seed, device=device,
+        workers=workers, batch_size=batch_size, limit=limit, shard=shard, amp=amp,
+    )
+    for line in summary.lines():
+        click.echo(line)
+    if summary.failed:
+        click.echo(f"{len(summary.failed)} video(s) could not be decoded; they are recorded in the cache and "
+                   "predicted 0.5 at submit time.")
+        raise SystemExit(3)
+
+
 # --- section: tune (tune-head, frame-test) ---
 
 # --- section: train (train-full) ---
