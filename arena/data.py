@@ -1,0 +1,662 @@
+"""Dataset layout, label parsing and the train/validation split file.
+
+The seed's layout is::
+
+    <data>/train_labels.csv   filename + label columns (names vary, see FILENAME_COLUMNS / LABEL_COLUMNS)
+    <data>/test_public.csv    filename column
+    <data>/train/real/*.mp4   label 0
+    <data>/train/fake/*.mp4   label 1
+    <data>/test/*.mp4         unlabelled
+
+Every video is identified by its *key*: the posix path relative to the data folder (``train/fake/a.mp4``).
+Keys are the cache keys of every later stage. This module never decodes a video: it only looks at names,
+sizes and the CSVs, so scanning 800 files costs milliseconds.
+
+Problems are collected in a :class:`LayoutReport` instead of raising on the first one: an *error* makes
+training impossible (or would read outside the data folder) and :func:`load_dataset` raises
+:class:`DataError` listing them; a *warning* names something skipped or suspicious, and the rest is used.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+import numpy as np
+
+__all__ = [
+    "FILENAME_COLUMNS",
+    "LABEL_COLUMNS",
+    "VIDEO_EXTENSIONS",
+    "DataError",
+    "Dataset",
+    "Issue",
+    "LayoutReport",
+    "Split",
+    "VideoItem",
+    "load_dataset",
+    "load_split",
+    "make_split",
+    "parse_label",
+    "scan_dataset",
+]
+
+FILENAME_COLUMNS = ("filename", "file", "video", "name", "path")
+LABEL_COLUMNS = ("label", "target", "class", "is_fake")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")
+TRAIN_CSV = "train_labels.csv"
+TEST_CSV = "test_public.csv"
+SPLIT_FILE = "split.json"
+_LABEL_WORDS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "real": 0, "fake": 1}
+_CLASS_FOLDERS = {"real": 0, "fake": 1}
+_MAX_EXAMPLES = 5  # per kind of problem in the printed report; the full list stays in report.issues
+
+
+class DataError(ValueError):
+    """The data folder or the split file cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class VideoItem:
+    """One video of the dataset.
+
+    Attributes:
+        key: path relative to the data folder, posix (``train/real/a.mp4``); the cache key everywhere.
+        path: resolved absolute path (checked to lie inside the data folder).
+        label: 0 real, 1 fake, None for test videos.
+        split: "train" / "val" once assigned by a :class:`Split`, "test" for test videos, else None.
+    """
+
+    key: str
+    path: Path
+    label: int | None
+    split: Literal["train", "val", "test"] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.key or self.key.startswith("/") or ".." in PurePosixPath(self.key).parts:
+            raise ValueError(f"VideoItem key must be a relative posix path inside the data folder, got {self.key!r}")
+        if self.label not in (None, 0, 1):
+            raise ValueError(f"VideoItem label must be 0, 1 or None, got {self.label!r} for {self.key}")
+        if self.split not in (None, "train", "val", "test"):
+            raise ValueError(f"VideoItem split must be train, val, test or None, got {self.split!r} for {self.key}")
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem found in the layout. ``kind`` groups issues in the printed report."""
+
+    level: Literal["error", "warning"]
+    kind: str
+    message: str
+
+
+@dataclass
+class LayoutReport:
+    """Everything :func:`scan_dataset` found: counts, errors and warnings. ``str(report)`` is printable."""
+
+    root: Path
+    issues: list[Issue] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def error(self, kind: str, message: str) -> None:
+        self.issues.append(Issue("error", kind, message))
+
+    def warn(self, kind: str, message: str) -> None:
+        self.issues.append(Issue("warning", kind, message))
+
+    @property
+    def errors(self) -> list[str]:
+        return [i.message for i in self.issues if i.level == "error"]
+
+    @property
+    def warnings(self) -> list[str]:
+        return [i.message for i in self.issues if i.level == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing makes training impossible (warnings allowed)."""
+        return not self.errors
+
+    def kinds(self, level: str | None = None) -> set[str]:
+        """The kinds of issues found (e.g. ``{"missing", "duplicate"}``), optionally of one level."""
+        return {i.kind for i in self.issues if level is None or i.level == level}
+
+    def summary_line(self) -> str:
+        c = self.counts
+        return (f"{c.get('train_real', 0)} real + {c.get('train_fake', 0)} fake train videos, "
+                f"{c.get('test', 0)} test videos, {c.get('skipped', 0)} skipped")
+
+    def __str__(self) -> str:
+        lines = [f"data folder {self.root}: {self.summary_line()}"]
+        lines += [f"  note: {n}" for n in self.notes]
+        for level in ("error", "warning"):
+            items = [i for i in self.issues if i.level == level]
+            if not items:
+                continue
+            lines.append(f"{level}s ({len(items)}):")
+            by_kind: dict[str, list[Issue]] = defaultdict(list)
+            for i in items:
+                by_kind[i.kind].append(i)
+            for kind, group in by_kind.items():
+                lines.append(f"  {kind} ({len(group)}):")
+                lines += [f"    - {i.message}" for i in group[:_MAX_EXAMPLES]]
+                if len(group) > _MAX_EXAMPLES:
+                    lines.append(f"    ... and {len(group) - _MAX_EXAMPLES} more")
+        return "\n".join(lines)
+
+
+@dataclass
+class Dataset:
+    """The usable videos of a data folder (skipped ones are only in the report)."""
+
+    root: Path
+    train: list[VideoItem]
+    test: list[VideoItem]
+    report: LayoutReport
+
+    def get(self, key: str) -> VideoItem:
+        """The train or test item with this key; KeyError naming the key otherwise."""
+        for item in (*self.train, *self.test):
+            if item.key == key:
+                return item
+        raise KeyError(f"no video with key {key!r} in {self.root}")
+
+    def __repr__(self) -> str:
+        return f"Dataset(root={str(self.root)!r}, train={len(self.train)}, test={len(self.test)}, ok={self.report.ok})"
+
+
+# ----------------------------------------------------------------------------------------------- labels
+
+
+def parse_label(value: object) -> int | None:
+    """0/1 from ``0``, ``1``, ``"0"``, ``" FAKE "``, ``"real"`` ...; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value) if value in (0, 1) else None
+    if isinstance(value, (float, np.floating)):
+        return int(value) if value in (0.0, 1.0) else None
+    if isinstance(value, str):
+        return _LABEL_WORDS.get(value.strip().lower())
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ paths
+
+
+def _is_utf8(name: str) -> bool:
+    # os.listdir gives undecodable bytes as lone surrogates (surrogateescape); they cannot become cache keys.
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _inside(path: Path, real_root: Path) -> bool:
+    try:
+        path.resolve().relative_to(real_root)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_video_name(name: str) -> bool:
+    return name.lower().endswith(VIDEO_EXTENSIONS)
+
+
+class _Scanner:
+    """Walks the folders once and resolves CSV names; fills the report."""
+
+    def __init__(self, root: Path, report: LayoutReport) -> None:
+        self.root = root
+        self.real_root = root.resolve()
+        self.report = report
+        # key -> folder label (0/1 for train/real|fake, None elsewhere) for every acceptable video file on disk
+        self.train_files: dict[str, int | None] = {}
+        self.test_files: set[str] = set()
+        self.refused: set[str] = set()  # keys that exist but escape or are unusable (reported already)
+
+    # -- folders
+    def scan_folder(self, rel: str, label: int | None, into: dict | set) -> None:
+        folder = self.root / rel
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            name = entry.name
+            if name.startswith("."):
+                continue
+            shown = f"{rel}/{os.fsencode(name).decode('utf-8', 'backslashreplace')}"
+            if not _is_utf8(name):
+                self.report.warn("non-utf8-name", f"{shown}: file name is not valid UTF-8; skipped (rename it)")
+                self.refused.add(shown)
+                continue
+            key = f"{rel}/{name}"
+            path = folder / name
+            if entry.is_dir(follow_symlinks=False):
+                continue
+            if not _is_video_name(name):
+                self.report.warn("not-a-video-name", f"{key}: extension is not one of {', '.join(VIDEO_EXTENSIONS)}; "
+                                 "ignored")
+                continue
+            if not _inside(path, self.real_root):
+                self.report.error("escapes-data-folder", f"{key}: is a symlink to {path.resolve()}, outside the data "
+                                  f"folder {self.real_root}; refused (copy the file into the folder instead)")
+                self.refused.add(key)
+                continue
+            if not path.exists():
+                self.report.warn("broken-link", f"{key}: broken symlink; skipped")
+                self.refused.add(key)
+                continue
+            if path.stat().st_size == 0:
+                self.report.warn("zero-bytes", f"{key}: file is empty (0 bytes); skipped")
+                self.refused.add(key)
+                continue
+            if isinstance(into, dict):
+                into[key] = label
+            else:
+                into.add(key)
+
+    def train_subfolders(self) -> list[tuple[str, int | None]]:
+        """``train`` itself (label None) and its real/fake subfolders (any case), as (relative dir, label)."""
+        out: list[tuple[str, int | None]] = [("train", None)]
+        for entry in sorted(os.scandir(self.root / "train"), key=lambda e: e.name):
+            if entry.is_dir() and entry.name.lower() in _CLASS_FOLDERS:
+                rel = f"train/{entry.name}"
+                if not _inside(self.root / rel, self.real_root):
+                    self.report.error("escapes-data-folder", f"{rel}: points outside the data folder "
+                                      f"{self.real_root}; refused")
+                    continue
+                out.append((rel, _CLASS_FOLDERS[entry.name.lower()]))
+            elif entry.is_dir():
+                self.report.warn("unknown-folder", f"train/{entry.name}: not 'real' or 'fake'; its files are only "
+                                 "used when train_labels.csv lists them")
+                out.append((f"train/{entry.name}", None))
+        return out
+
+    # -- CSV names
+    def resolve_name(self, raw: str, where: str, search: list[str], known: set[str]) -> str | None:
+        """Key for a CSV name (bare or relative), or None (reported). ``where`` names the CSV row."""
+        name = raw.strip().replace("\\", "/")
+        if not name:
+            self.report.warn("empty-name", f"{where}: empty file name; row skipped")
+            return None
+        if name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in PurePosixPath(name).parts:
+            self.report.error("escapes-data-folder", f"{where}: file name {raw!r} is absolute or contains '..'; "
+                              f"only names inside the data folder {self.real_root} are allowed")
+            return None
+        name = str(PurePosixPath(name))  # drops "./" and doubled slashes
+        if "/" in name:
+            candidates = [name]
+        else:
+            candidates = [f"{d}/{name}" for d in search]
+        if not PurePosixPath(name).suffix:
+            candidates += [c + ext for c in candidates for ext in VIDEO_EXTENSIONS]
+        found = [c for c in candidates if c in known]
+        if not found:
+            refused = [c for c in candidates if c in self.refused]
+            if refused:
+                return None  # already reported (escaping symlink, empty file, ...)
+            for c in candidates:
+                if os.path.lexists(self.root / c) and not _inside(self.root / c, self.real_root):
+                    self.report.error("escapes-data-folder", f"{where}: {c} points to {(self.root / c).resolve()}, "
+                                      f"outside the data folder {self.real_root}; refused")
+                    return None
+                if (self.root / c).is_file():
+                    self.report.warn("missing", f"{where}: {c} exists but lies outside the scanned folders "
+                                     f"({', '.join(search)}); skipped")
+                    return None
+            looked = ", ".join(candidates[:4]) + (" ..." if len(candidates) > 4 else "")
+            self.report.warn("missing", f"{where}: {raw.strip()!r} listed but not found (looked for {looked}); "
+                             "skipped")
+            return None
+        if len(found) > 1:
+            return "|".join(found)  # ambiguous: the caller decides with the label
+        return found[0]
+
+
+def _read_csv(path: Path, report: LayoutReport, *, need_label: bool, level: str
+              ) -> tuple[list[tuple[int, str, str | None]], bool]:
+    """Rows (line number, file name, raw label) of a CSV, and whether the file could be used at all."""
+    add = report.error if level == "error" else report.warn
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        add("unreadable-csv", f"{path.name}: cannot be read ({e})")
+        return [], False
+    # utf-8-sig: the BOM Excel writes is not part of the first column name. Undecodable bytes become lone
+    # surrogates so that one bad name skips one row, not the whole file.
+    text = raw.decode("utf-8-sig", errors="surrogateescape")
+    if not text.strip():
+        add("empty-csv", f"{path.name}: file is empty (no header, no rows)"
+            + ("; delete it to take labels from train/real and train/fake" if need_label else ""))
+        return [], False
+    try:
+        dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    reader = csv.reader(io.StringIO(text), dialect)
+    header = next(reader)
+    lowered = [h.strip().lower() for h in header]
+    fcol = next((lowered.index(c) for c in FILENAME_COLUMNS if c in lowered), None)
+    lcol = next((lowered.index(c) for c in LABEL_COLUMNS if c in lowered), None)
+    problems = []
+    if fcol is None:
+        problems.append(f"no file-name column (accepted: {', '.join(FILENAME_COLUMNS)})")
+    if need_label and lcol is None:
+        problems.append(f"no label column (accepted: {', '.join(LABEL_COLUMNS)})")
+    if problems:
+        add("wrong-columns", f"{path.name}: {' and '.join(problems)}, case-insensitive; columns found: "
+            f"{', '.join(repr(h) for h in header) or 'none'}")
+        return [], False
+    report.notes.append(f"{path.name}: file names from column {header[fcol]!r}"
+                        + (f", labels from column {header[lcol]!r}" if need_label else ""))
+    rows = []
+    for line_no, row in enumerate(reader, start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        fname = row[fcol] if fcol < len(row) else ""
+        label = row[lcol] if (lcol is not None and lcol < len(row)) else None
+        if not _is_utf8(fname):
+            shown = fname.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            report.warn("non-utf8-name", f"{path.name} row {line_no}: file name {shown!r} is not valid UTF-8; "
+                        "row skipped (save the CSV as UTF-8)")
+            continue
+        rows.append((line_no, fname, label))
+    if not rows:
+        add("empty-csv", f"{path.name}: header only, no rows"
+            + ("; delete it to take labels from train/real and train/fake" if need_label else ""))
+        return [], False
+    return rows, True
+
+
+# ------------------------------------------------------------------------------------------------- scan
+
+
+def scan_dataset(root: str | os.PathLike, *, require_test: bool = True) -> Dataset:
+    """Look at a data folder and report everything found, without raising for bad content.
+
+    Args:
+        root: the data folder (seed layout, see the module docstring).
+        require_test: when True, a missing ``test/`` folder or an unusable ``test_public.csv`` is an error;
+            when False only a warning (training needs no test videos).
+
+    Returns:
+        A :class:`Dataset` whose ``report`` holds errors and warnings; check ``report.ok``.
+    """
+    root = Path(root)
+    report = LayoutReport(root=root)
+    if not root.is_dir():
+        report.error("no-data-folder", f"{root}: not a folder (give the folder holding {TRAIN_CSV} and train/)")
+        report.counts = {"train_real": 0, "train_fake": 0, "test": 0, "skipped": 0}
+        return Dataset(root=root, train=[], test=[], report=report)
+    scanner = _Scanner(root, report)
+    train = _scan_train(root, scanner, report)
+    test = _scan_test(root, scanner, report, require_test=require_test)
+
+    train_names = {PurePosixPath(i.key).name for i in train}
+    for item in test:
+        if PurePosixPath(item.key).name in train_names:
+            report.warn("train-test-overlap", f"{item.key}: a train video has the same file name; check for leakage")
+    n_real = sum(i.label == 0 for i in train)
+    n_fake = sum(i.label == 1 for i in train)
+    if not train:
+        report.error("no-train-videos", f"{root}: no usable train videos (see the warnings above)")
+    elif n_real == 0 or n_fake == 0:
+        report.error("one-class", f"{root}: train videos of one class only ({n_real} real, {n_fake} fake); "
+                     "training needs both")
+    skipped = len([i for i in report.issues if i.kind in _SKIP_KINDS])
+    report.counts = {"train_real": n_real, "train_fake": n_fake, "test": len(test), "skipped": skipped}
+    return Dataset(root=root, train=train, test=test, report=report)
+
+
+_SKIP_KINDS = {"non-utf8-name", "broken-link", "zero-bytes", "missing", "unlisted", "duplicate", "unknown-label",
+               "ambiguous", "empty-name"}
+
+
+def _scan_train(root: Path, scanner: _Scanner, report: LayoutReport) -> list[VideoItem]:
+    csv_path = root / TRAIN_CSV
+    if (root / "train").is_dir():
+        subfolders = scanner.train_subfolders()
+        for rel, label in subfolders:
+            scanner.scan_folder(rel, label, scanner.train_files)
+    else:
+        subfolders = []
+        report.error("no-train-folder", f"{root / 'train'}: missing (expected train/real and train/fake)")
+        return []
+    on_disk = scanner.train_files
+    if not csv_path.exists():
+        report.warn("missing-csv", f"{TRAIN_CSV}: missing; labels taken from the train/real and train/fake folders")
+        unlabelled = sorted(k for k, lab in on_disk.items() if lab is None)
+        for key in unlabelled:
+            report.warn("unlisted", f"{key}: not in a real/ or fake/ folder and no {TRAIN_CSV}; skipped")
+        return [VideoItem(k, (root / k).resolve(), lab) for k, lab in sorted(on_disk.items()) if lab is not None]
+
+    rows, usable = _read_csv(csv_path, report, need_label=True, level="error")
+    if not usable:
+        return []
+    search = [rel for rel, _ in subfolders]
+    labels: dict[str, int] = {}
+    first_row: dict[str, int] = {}
+    conflicted: set[str] = set()
+    for line_no, fname, raw_label in rows:
+        where = f"{TRAIN_CSV} row {line_no}"
+        label = parse_label(raw_label)
+        if label is None:
+            report.warn("unknown-label", f"{where}: label {raw_label!r} for {fname.strip()!r} is not 0/1/REAL/FAKE; "
+                        "row skipped")
+            continue
+        key = scanner.resolve_name(fname, where, search, set(on_disk))
+        if key is None:
+            continue
+        if "|" in key:  # bare name present in several folders: the label says which one
+            options = key.split("|")
+            matching = [k for k in options if on_disk[k] == label]
+            if len(matching) != 1:
+                report.warn("ambiguous", f"{where}: {fname.strip()!r} matches {', '.join(options)}; give the relative "
+                            "path in the CSV; skipped")
+                continue
+            key = matching[0]
+        if key in labels or key in conflicted:
+            if key not in conflicted and labels[key] == label:
+                report.warn("duplicate-row", f"{where}: {key} already listed in row {first_row[key]} (same label); "
+                            "duplicate row ignored")
+            else:
+                report.warn("duplicate", f"{where}: {key} already listed in row {first_row[key]} with another label; "
+                            "video skipped")
+                labels.pop(key, None)
+                conflicted.add(key)
+            continue
+        labels[key] = label
+        first_row[key] = line_no
+    items = []
+    for key, label in sorted(labels.items()):
+        folder_label = on_disk[key]
+        if folder_label is not None and folder_label != label:
+            report.warn("label-folder-mismatch", f"{key}: {TRAIN_CSV} row {first_row[key]} says "
+                        f"{'fake' if label else 'real'} but the file lies in the "
+                        f"{'fake' if folder_label else 'real'} folder; the CSV label is used")
+        items.append(VideoItem(key, (root / key).resolve(), label))
+    for key in sorted(set(on_disk) - set(labels) - conflicted):
+        report.warn("unlisted", f"{key}: present but not listed in {TRAIN_CSV}; skipped")
+    return items
+
+
+def _scan_test(root: Path, scanner: _Scanner, report: LayoutReport, *, require_test: bool) -> list[VideoItem]:
+    level = "error" if require_test else "warning"
+    add = report.error if require_test else report.warn
+    csv_path = root / TEST_CSV
+    if not (root / "test").is_dir():
+        add("no-test-folder", f"{root / 'test'}: missing; there is nothing to predict"
+            + ("" if require_test else " (fine for training)"))
+        return []
+    if not _inside(root / "test", scanner.real_root):
+        report.error("escapes-data-folder", f"test: points outside the data folder {scanner.real_root}; refused")
+        return []
+    scanner.scan_folder("test", None, scanner.test_files)
+    if not csv_path.exists():
+        report.warn("missing-csv", f"{TEST_CSV}: missing; every video in test/ is used")
+        return [VideoItem(k, (root / k).resolve(), None, "test") for k in sorted(scanner.test_files)]
+    rows, usable = _read_csv(csv_path, report, need_label=False, level=level)
+    if not usable:
+        return []
+    keys: dict[str, int] = {}
+    for line_no, fname, _ in rows:
+        where = f"{TEST_CSV} row {line_no}"
+        key = scanner.resolve_name(fname, where, ["test"], scanner.test_files)
+        if key is None:
+            continue
+        if key in keys:
+            report.warn("duplicate-row", f"{where}: {key} already listed in row {keys[key]}; duplicate row ignored")
+            continue
+        keys[key] = line_no
+    for key in sorted(scanner.test_files - set(keys)):
+        report.warn("unlisted", f"{key}: present but not listed in {TEST_CSV}; skipped")
+    return [VideoItem(k, (root / k).resolve(), None, "test") for k in sorted(keys)]
+
+
+def load_dataset(root: str | os.PathLike, *, require_test: bool = True) -> Dataset:
+    """Scan a data folder and raise :class:`DataError` if anything makes training impossible.
+
+    Warnings (skipped files, mismatches) stay in ``dataset.report``; print it to show them.
+    """
+    dataset = scan_dataset(root, require_test=require_test)
+    if not dataset.report.ok:
+        errors = dataset.report.errors
+        shown = "\n  - ".join(errors[:10]) + (f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else "")
+        raise DataError(f"data folder {dataset.root} cannot be used ({len(errors)} error(s)):\n  - {shown}\n"
+                        "Run `arena doctor --data DIR` for the full report.")
+    return dataset
+
+
+# ------------------------------------------------------------------------------------------------ split
+
+
+@dataclass
+class Split:
+    """The train/validation split of a dataset, as stored in ``path`` (sha256 of that file)."""
+
+    train: list[VideoItem]
+    val: list[VideoItem]
+    path: Path
+    sha256: str
+    seed: int = 42
+    val_fraction: float = 0.3
+
+    def __repr__(self) -> str:
+        return (f"Split(train={len(self.train)}, val={len(self.val)}, seed={self.seed}, "
+                f"val_fraction={self.val_fraction}, path={str(self.path)!r}, sha256={self.sha256[:12]}...)")
+
+    def counts(self) -> dict[str, int]:
+        """Videos per part and class: train_real, train_fake, val_real, val_fake."""
+        return {f"{part}_{cls}": sum(i.label == lab for i in items)
+                for part, items in (("train", self.train), ("val", self.val))
+                for cls, lab in (("real", 0), ("fake", 1))}
+
+
+def _check_fraction(val_fraction: float) -> None:
+    if not (isinstance(val_fraction, (int, float)) and 0.0 < val_fraction < 1.0):
+        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}; try 0.3")
+
+
+def _stratified(items: list[VideoItem], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    rng = np.random.default_rng(seed)
+    train_keys: list[str] = []
+    val_keys: list[str] = []
+    for label in (0, 1):
+        keys = sorted(i.key for i in items if i.label == label)
+        if len(keys) < 2:
+            raise DataError(f"cannot split: {len(keys)} {'fake' if label else 'real'} train video(s); "
+                            "each class needs at least 2")
+        # round half up, then keep at least one video of the class on each side
+        n_val = min(max(math.floor(len(keys) * val_fraction + 0.5), 1), len(keys) - 1)
+        order = rng.permutation(len(keys))
+        val_keys += [keys[j] for j in order[:n_val]]
+        train_keys += [keys[j] for j in order[n_val:]]
+    return sorted(train_keys), sorted(val_keys)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_split(dataset: Dataset, out_dir: str | os.PathLike, *, val_fraction: float = 0.3, seed: int = 42,
+               new: bool = False) -> Split:
+    """Stratified train/validation split, written once to ``out_dir/split.json`` and reused afterwards.
+
+    Args:
+        dataset: from :func:`load_dataset`.
+        out_dir: folder of the split file (created if needed).
+        val_fraction: share of each class that goes to validation (0.3 -> 420/180 for 300+300).
+        seed: seed of the permutation; the same dataset and seed give the same split.
+        new: overwrite an existing split file (``--new-split``).
+
+    Raises:
+        DataError: when an existing split file does not match the dataset, seed or fraction.
+    """
+    _check_fraction(val_fraction)
+    path = Path(out_dir) / SPLIT_FILE
+    if path.exists() and not new:
+        split = load_split(dataset, out_dir)
+        if split.seed != seed or not math.isclose(split.val_fraction, val_fraction):
+            raise DataError(f"{path} was made with seed={split.seed}, val_fraction={split.val_fraction}, but "
+                            f"seed={seed}, val_fraction={val_fraction} was asked; use the stored values, or delete "
+                            "the file (or pass --new-split) to regenerate it")
+        return split
+    train_keys, val_keys = _stratified(dataset.train, val_fraction, seed)
+    labels = {i.key: i.label for i in dataset.train}
+    doc = {
+        "format": "arena-split-v1",
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "train": {k: labels[k] for k in train_keys},
+        "val": {k: labels[k] for k in val_keys},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)  # atomic: a crash leaves the old file or the new one, never half of one
+    return load_split(dataset, out_dir)
+
+
+def load_split(dataset: Dataset, out_dir: str | os.PathLike) -> Split:
+    """Read ``out_dir/split.json`` and check it still matches the dataset (same train keys and labels).
+
+    Raises:
+        DataError: file missing or unreadable, or the dataset changed since the split was made.
+    """
+    path = Path(out_dir) / SPLIT_FILE
+    regenerate = f"delete {path} (or pass --new-split) to regenerate it"
+    if not path.is_file():
+        raise DataError(f"no split file at {path}; create it with `arena split --data {dataset.root} --out {out_dir}`")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        seed, fraction = int(doc["seed"]), float(doc["val_fraction"])
+        stored = {**{k: ("train", int(v)) for k, v in doc["train"].items()},
+                  **{k: ("val", int(v)) for k, v in doc["val"].items()}}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path}: not a valid split file ({type(e).__name__}: {e}); {regenerate}") from e
+    current = {i.key: i for i in dataset.train}
+    gone = sorted(set(stored) - set(current))
+    new = sorted(set(current) - set(stored))
+    relabelled = sorted(k for k in set(stored) & set(current) if stored[k][1] != current[k].label)
+    problems = []
+    for what, keys in (("in the split but no longer in the dataset", gone),
+                       ("in the dataset but not in the split", new), ("with a changed label", relabelled)):
+        if keys:
+            problems.append(f"{len(keys)} video(s) {what} (e.g. {', '.join(keys[:3])})")
+    if problems:
+        raise DataError(f"{path} no longer matches the dataset in {dataset.root}: {'; '.join(problems)}. "
+                        f"The dataset changed since the split was made; {regenerate} (cached features stay valid, "
+                        "tuned heads and their scores do not)")
+    train = [dataclasses.replace(current[k], split="train") for k in sorted(stored) if stored[k][0] == "train"]
+    val = [dataclasses.replace(current[k], split="val") for k in sorted(stored) if stored[k][0] == "val"]
+    return Split(train=train, val=val, path=path, sha256=_sha256(path), seed=seed, val_fraction=fraction)

@@ -1,0 +1,344 @@
+"""Data layer: layout parsing, label spellings, path-escape refusal, layout report, the split file.
+
+The data layer never decodes videos, so tiny non-empty placeholder files stand in for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from arena.data import (
+    FILENAME_COLUMNS,
+    LABEL_COLUMNS,
+    DataError,
+    VideoItem,
+    load_dataset,
+    load_split,
+    make_split,
+    parse_label,
+    scan_dataset,
+)
+
+
+def make_layout(root: Path, n_real: int = 3, n_fake: int = 3, n_test: int = 2, *, csv: str | None = "default",
+                test_csv: bool = True) -> Path:
+    """Seed layout with placeholder files; ``csv`` None -> no train_labels.csv, a string -> its exact text."""
+    for sub in ("train/real", "train/fake", "test"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n_real):
+        (root / f"train/real/r{i:03d}.mp4").write_bytes(b"\x00")
+    for i in range(n_fake):
+        (root / f"train/fake/f{i:03d}.mp4").write_bytes(b"\x00")
+    for i in range(n_test):
+        (root / f"test/t{i:03d}.mp4").write_bytes(b"\x00")
+    if csv == "default":
+        rows = [f"r{i:03d}.mp4,0" for i in range(n_real)] + [f"f{i:03d}.mp4,1" for i in range(n_fake)]
+        csv = "filename,label\n" + "\n".join(rows) + "\n"
+    if csv is not None:
+        (root / "train_labels.csv").write_text(csv, encoding="utf-8")
+    if test_csv:
+        (root / "test_public.csv").write_text("filename\n" + "".join(f"t{i:03d}.mp4\n" for i in range(n_test)))
+    return root
+
+
+def kinds(ds) -> set[str]:
+    return ds.report.kinds()
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+@pytest.mark.parametrize("fcol", [*FILENAME_COLUMNS, "FileName", " VIDEO "])
+@pytest.mark.parametrize("lcol", [*LABEL_COLUMNS, "Label", "IS_FAKE"])
+def test_every_column_name_variant(tmp_path, fcol, lcol):
+    csv = f"{fcol},{lcol}\nr000.mp4,0\nf000.mp4,1\n"
+    ds = load_dataset(make_layout(tmp_path, 1, 1, csv=csv))
+    assert [(i.key, i.label) for i in ds.train] == [("train/fake/f000.mp4", 1), ("train/real/r000.mp4", 0)]
+
+
+@pytest.mark.parametrize("real,fake", [("0", "1"), ("REAL", "FAKE"), ("real", "fake"), ("Real", "Fake"),
+                                       (" REAL ", " fake\t"), ('"0"', '"1"'), ("0.0", "1.0")])
+def test_every_label_spelling(tmp_path, real, fake):
+    csv = f"file,target\nr000.mp4,{real}\nf000.mp4,{fake}\n"
+    ds = load_dataset(make_layout(tmp_path, 1, 1, csv=csv))
+    assert {i.key: i.label for i in ds.train} == {"train/real/r000.mp4": 0, "train/fake/f000.mp4": 1}
+    assert not ds.report.warnings or kinds(ds) <= {"missing-csv"}
+
+
+def test_parse_label_values():
+    assert [parse_label(v) for v in (0, 1, "0", "1", "FAKE", " real ", 1.0)] == [0, 1, 0, 1, 1, 0, 1]
+    assert [parse_label(v) for v in (2, -1, "yes", "", None, True, 0.5)] == [None] * 7
+
+
+def test_semicolon_csv_and_bom(tmp_path):
+    csv = "\ufeffName;Class\nr000.mp4;REAL\nf000.mp4;FAKE\n"
+    ds = load_dataset(make_layout(tmp_path, 1, 1, csv=csv))
+    assert len(ds.train) == 2
+
+
+def test_relative_and_bare_names(tmp_path):
+    csv = "path,label\ntrain/real/r000.mp4,0\nf000.mp4,1\n./train/fake/f001.mp4,1\nr001,0\n"
+    root = make_layout(tmp_path, 2, 2, csv=csv)
+    (root / "test_public.csv").write_text("video\ntest/t000.mp4\nt001.mp4\n")
+    ds = load_dataset(root)
+    assert [i.key for i in ds.train] == ["train/fake/f000.mp4", "train/fake/f001.mp4", "train/real/r000.mp4",
+                                         "train/real/r001.mp4"]
+    assert [i.key for i in ds.test] == ["test/t000.mp4", "test/t001.mp4"]
+    assert all(i.split == "test" and i.label is None for i in ds.test)
+    assert all(i.path.is_absolute() and i.path.is_file() for i in ds.train + ds.test)
+    assert ds.get("test/t001.mp4").path == (root / "test/t001.mp4").resolve()
+
+
+def test_labels_from_folders_without_csv(tmp_path):
+    ds = load_dataset(make_layout(tmp_path, 3, 2, csv=None))
+    assert sorted((i.key, i.label) for i in ds.train) == [
+        ("train/fake/f000.mp4", 1), ("train/fake/f001.mp4", 1),
+        ("train/real/r000.mp4", 0), ("train/real/r001.mp4", 0), ("train/real/r002.mp4", 0)]
+    assert "missing-csv" in ds.report.kinds("warning")
+    assert ds.report.counts == {"train_real": 3, "train_fake": 2, "test": 2, "skipped": 0}
+
+
+def test_video_item_validates():
+    with pytest.raises(ValueError, match="label must be 0, 1 or None"):
+        VideoItem("train/a.mp4", Path("/x"), 2)
+    with pytest.raises(ValueError, match="relative posix path"):
+        VideoItem("../a.mp4", Path("/x"), 0)
+
+
+# ------------------------------------------------------------------------------------ path escapes
+
+
+def test_dotdot_name_refused(tmp_path):
+    root = make_layout(tmp_path / "data", 1, 1, csv="filename,label\nr000.mp4,0\nf000.mp4,1\n../secret.mp4,1\n")
+    (tmp_path / "secret.mp4").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"train_labels.csv row 4: file name '\.\./secret\.mp4' .*contains '\.\.'"):
+        load_dataset(root)
+
+
+def test_absolute_name_refused(tmp_path):
+    outside = tmp_path / "secret.mp4"
+    outside.write_bytes(b"x")
+    root = make_layout(tmp_path / "data", 1, 1, csv=f"filename,label\nr000.mp4,0\nf000.mp4,1\n{outside},1\n")
+    with pytest.raises(DataError, match="row 4: file name .*secret.mp4' is absolute"):
+        load_dataset(root)
+    (root / "train_labels.csv").write_text("filename,label\nr000.mp4,0\nf000.mp4,1\n")
+    (root / "test_public.csv").write_text("filename\nC:\\videos\\t000.mp4\n")
+    with pytest.raises(DataError, match="test_public.csv row 2.*is absolute"):
+        load_dataset(root)
+
+
+def test_symlink_outside_refused(tmp_path):
+    outside = tmp_path / "secret.mp4"
+    outside.write_bytes(b"x")
+    root = make_layout(tmp_path / "data", 1, 1, csv="filename,label\nr000.mp4,0\nf000.mp4,1\nevil.mp4,1\n")
+    os.symlink(outside, root / "train/fake/evil.mp4")
+    with pytest.raises(DataError, match=r"train/fake/evil.mp4: is a symlink to .*secret.mp4, outside the data folder"):
+        load_dataset(root)
+    # also without a CSV (folder labels) and for a symlinked folder
+    (root / "train_labels.csv").unlink()
+    with pytest.raises(DataError, match="evil.mp4: is a symlink"):
+        load_dataset(root)
+    (root / "train/fake/evil.mp4").unlink()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere/x.mp4").write_bytes(b"x")
+    os.symlink(tmp_path / "elsewhere", root / "train/Fake2")
+    with pytest.raises(DataError, match="Fake2/x.mp4: is a symlink to .*elsewhere/x.mp4, outside"):
+        load_dataset(root)
+
+
+def test_symlink_inside_allowed(tmp_path):
+    root = make_layout(tmp_path, 1, 1, csv=None)
+    (root / "store").mkdir()
+    (root / "store/v.mp4").write_bytes(b"x")
+    os.symlink(root / "store/v.mp4", root / "train/fake/link.mp4")
+    ds = load_dataset(root)
+    assert ds.get("train/fake/link.mp4").path == (root / "store/v.mp4").resolve()
+
+
+# -------------------------------------------------------------------------------------- the report
+
+
+def test_missing_unlisted_duplicate_mismatch_unknown(tmp_path):
+    csv = ("filename,label\n"
+           "r000.mp4,0\n"
+           "r001.mp4,0\n"
+           "r001.mp4,0\n"          # duplicate row, same label: ignored
+           "f000.mp4,1\n"
+           "f000.mp4,0\n"          # duplicate with another label: video skipped
+           "f001.mp4,1\n"
+           "gone.mp4,1\n"          # listed but missing
+           "r002.mp4,FAKE\n"       # label disagrees with folder: CSV wins, warned
+           "f002.mp4,2\n")         # unknown label: row skipped
+    root = make_layout(tmp_path, 4, 3, csv=csv)  # r003 present but unlisted
+    ds = load_dataset(root)
+    labels = {i.key: i.label for i in ds.train}
+    assert labels == {"train/real/r000.mp4": 0, "train/real/r001.mp4": 0, "train/fake/f001.mp4": 1,
+                      "train/real/r002.mp4": 1}
+    rep = ds.report
+    assert rep.kinds("warning") >= {"duplicate-row", "duplicate", "missing", "label-folder-mismatch",
+                                    "unknown-label", "unlisted"}
+    text = str(rep)
+    assert "row 4: train/real/r001.mp4 already listed in row 3 (same label)" in text
+    assert "row 6: train/fake/f000.mp4 already listed in row 5 with another label" in text
+    assert "row 8: 'gone.mp4' listed but not found" in text
+    assert "train/real/r002.mp4: train_labels.csv row 9 says fake but the file lies in the real folder" in text
+    assert "row 10: label '2' for 'f002.mp4' is not 0/1/REAL/FAKE" in text
+    assert "train/real/r003.mp4: present but not listed" in text
+    assert "train/fake/f002.mp4: present but not listed" in text
+    assert rep.ok and rep.counts["train_real"] == 2 and rep.counts["train_fake"] == 2
+
+
+def test_empty_and_missing_csvs(tmp_path):
+    root = make_layout(tmp_path, 1, 1, csv="")
+    with pytest.raises(DataError, match="train_labels.csv: file is empty .*delete it to take labels from"):
+        load_dataset(root)
+    (root / "train_labels.csv").write_text("filename,label\n")
+    with pytest.raises(DataError, match="train_labels.csv: header only, no rows"):
+        load_dataset(root)
+    (root / "train_labels.csv").unlink()
+    (root / "test_public.csv").write_text("")
+    with pytest.raises(DataError, match="test_public.csv: file is empty"):
+        load_dataset(root)
+    ds = load_dataset(root, require_test=False)  # training does not need the test CSV
+    assert "empty-csv" in ds.report.kinds("warning") and len(ds.train) == 2
+    (root / "test_public.csv").unlink()
+    ds = load_dataset(root)
+    assert [i.key for i in ds.test] == ["test/t000.mp4", "test/t001.mp4"]
+    assert "test_public.csv: missing; every video in test/ is used" in str(ds.report)
+
+
+def test_wrong_columns_lists_found_and_accepted(tmp_path):
+    root = make_layout(tmp_path, 1, 1, csv="clip_id,y\nr000.mp4,0\n")
+    with pytest.raises(DataError, match=r"no file-name column \(accepted: filename, file, video, name, path\) and "
+                                        r"no label column \(accepted: label, target, class, is_fake\).*"
+                                        r"columns found: 'clip_id', 'y'"):
+        load_dataset(root)
+    (root / "train_labels.csv").write_text("filename,score\nr000.mp4,0\n")
+    with pytest.raises(DataError, match="no label column .*columns found: 'filename', 'score'"):
+        load_dataset(root)
+
+
+def test_zero_byte_and_non_video_files_skipped(tmp_path):
+    root = make_layout(tmp_path, 2, 2, csv=None)
+    (root / "train/real/r001.mp4").write_bytes(b"")
+    (root / "train/fake/notes.txt").write_text("hello")
+    (root / "train/fake/.DS_Store").write_bytes(b"x")
+    ds = load_dataset(root)
+    assert "train/real/r001.mp4" not in {i.key for i in ds.train}
+    assert "train/real/r001.mp4: file is empty (0 bytes); skipped" in ds.report.warnings
+    assert "not-a-video-name" in ds.report.kinds() and ds.report.counts["skipped"] == 1
+    assert ".DS_Store" not in str(ds.report)
+
+
+def test_non_utf8_names(tmp_path):
+    root = make_layout(tmp_path, 1, 1, csv=None)
+    bad = os.path.join(os.fsencode(root / "train/fake"), b"caf\xe9.mp4")
+    try:
+        with open(bad, "wb") as f:
+            f.write(b"x")
+    except OSError:
+        pytest.skip("file system refuses non-UTF-8 names")
+    ds = load_dataset(root)
+    assert len(ds.train) == 2
+    assert any("train/fake/caf\\xe9.mp4: file name is not valid UTF-8" in w for w in ds.report.warnings)
+    # and a latin-1 CSV row: that row skipped, the others used
+    (root / "train_labels.csv").write_bytes(b"filename,label\nr000.mp4,0\nf000.mp4,1\ncaf\xe9.mp4,1\n")
+    ds = load_dataset(root)
+    assert len(ds.train) == 2
+    assert any("row 4: file name 'caf\\\\xe9.mp4' is not valid UTF-8" in w for w in ds.report.warnings)
+
+
+def test_no_test_folder(tmp_path):
+    root = make_layout(tmp_path, 1, 1, 0, test_csv=False)
+    (root / "test").rmdir()
+    with pytest.raises(DataError, match="test: missing; there is nothing to predict"):
+        load_dataset(root)
+    ds = load_dataset(root, require_test=False)
+    assert ds.test == [] and "no-test-folder" in ds.report.kinds("warning")
+
+
+def test_training_impossible(tmp_path):
+    with pytest.raises(DataError, match="not a folder"):
+        load_dataset(tmp_path / "nope")
+    root = make_layout(tmp_path / "one", 2, 0, csv=None)
+    with pytest.raises(DataError, match=r"one class only \(2 real, 0 fake\)"):
+        load_dataset(root)
+    root = make_layout(tmp_path / "none", 0, 0, csv=None)
+    with pytest.raises(DataError, match="no usable train videos"):
+        load_dataset(root)
+
+
+def test_ambiguous_bare_name_resolved_by_label(tmp_path):
+    root = make_layout(tmp_path, 1, 1, csv="filename,label\nsame.mp4,1\nr000.mp4,0\n")
+    (root / "train/real/same.mp4").write_bytes(b"x")
+    (root / "train/fake/same.mp4").write_bytes(b"x")
+    ds = load_dataset(root)
+    assert ds.get("train/fake/same.mp4").label == 1
+    assert "train/real/same.mp4: present but not listed" in str(ds.report)
+
+
+# ---------------------------------------------------------------------------------------- the split
+
+
+def test_split_stratified_420_180_and_reused(tmp_path):
+    ds = load_dataset(make_layout(tmp_path / "data", 300, 300, 0, csv=None, test_csv=False), require_test=False)
+    out = tmp_path / "out"
+    split = make_split(ds, out, seed=42)
+    assert (len(split.train), len(split.val)) == (420, 180)
+    assert split.counts() == {"train_real": 210, "train_fake": 210, "val_real": 90, "val_fake": 90}
+    assert {i.split for i in split.train} == {"train"} and {i.split for i in split.val} == {"val"}
+    assert not {i.key for i in split.train} & {i.key for i in split.val}
+    doc = json.loads(split.path.read_text())
+    assert doc["seed"] == 42 and doc["val_fraction"] == 0.3 and len(doc["train"]) == 420
+
+    again = make_split(load_dataset(tmp_path / "data", require_test=False), out, seed=42)
+    assert again.sha256 == split.sha256 and again.train == split.train and again.val == split.val
+    assert load_split(ds, out).sha256 == split.sha256
+    # the same seed regenerates the same file; another seed gives another split
+    assert make_split(ds, tmp_path / "other", seed=42).sha256 == split.sha256
+    assert make_split(ds, tmp_path / "third", seed=7).sha256 != split.sha256
+
+
+def test_split_refuses_mismatch(tmp_path):
+    root = make_layout(tmp_path / "data", 5, 5, csv=None)
+    out = tmp_path / "out"
+    split = make_split(load_dataset(root), out)
+    assert (len(split.train), len(split.val)) == (6, 4)  # round(5 * 0.3) = 2 per class
+    gone = split.val[0].key
+    (root / gone).unlink()
+    with pytest.raises(DataError, match=rf"no longer matches.*1 video\(s\) in the split but no longer in the dataset "
+                                        rf"\(e.g. {gone}\).*delete .*split.json \(or pass --new-split\)"):
+        load_split(load_dataset(root), out)
+    (root / gone).write_bytes(b"x")
+    (root / "train/real/extra.mp4").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"1 video\(s\) in the dataset but not in the split"):
+        make_split(load_dataset(root), out)
+    fresh = make_split(load_dataset(root), out, new=True)
+    assert len(fresh.train) + len(fresh.val) == 11
+    with pytest.raises(DataError, match="made with seed=42.*but seed=3, val_fraction=0.3 was asked"):
+        make_split(load_dataset(root), out, seed=3)
+
+
+def test_split_bad_inputs(tmp_path):
+    ds = load_dataset(make_layout(tmp_path / "data", 1, 3, csv=None))
+    with pytest.raises(DataError, match="1 real train video.*at least 2"):
+        make_split(ds, tmp_path / "out")
+    with pytest.raises(DataError, match="val_fraction must be between 0 and 1.*got 1.5"):
+        make_split(ds, tmp_path / "out", val_fraction=1.5)
+    with pytest.raises(DataError, match="no split file at .*arena split --data"):
+        load_split(ds, tmp_path / "nothing")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad/split.json").write_text("{not json")
+    with pytest.raises(DataError, match="not a valid split file"):
+        load_split(ds, tmp_path / "bad")
+
+
+def test_scan_reports_errors_without_raising(tmp_path):
+    root = make_layout(tmp_path, 1, 1, csv="clip,y\nr000.mp4,0\n")
+    ds = scan_dataset(root)
+    assert not ds.report.ok and "wrong-columns" in ds.report.kinds("error")
+    assert "errors (1):" in str(ds.report) and "columns found: 'clip', 'y'" in str(ds.report)
