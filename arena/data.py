@@ -408,8 +408,10 @@ def scan_dataset(root: str | os.PathLike, *, require_test: bool = True) -> Datas
             report.warn("train-test-overlap", f"{item.key}: a train video has the same file name; check for leakage")
     n_real = sum(i.label == 0 for i in train)
     n_fake = sum(i.label == 1 for i in train)
-    if not train:
-        report.error("no-train-videos", f"{root}: no usable train videos (see the warnings above)")
+    if report.errors:
+        pass  # an unusable CSV or folder was reported already; the counts below would only repeat it
+    elif not train:
+        report.error("no-train-videos", f"{root}: no usable train videos (see the warnings for what was skipped)")
     elif n_real == 0 or n_fake == 0:
         report.error("one-class", f"{root}: train videos of one class only ({n_real} real, {n_fake} fake); "
                      "training needs both")
