@@ -22,6 +22,65 @@ def main() -> None:
 
 # --- section: data (doctor, split) ---
 
+
+def _parse_counts(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int, int] | None:
+    """``REAL,FAKE,TEST`` -> a tuple of three counts; ``none`` -> None (only print what is found)."""
+    if value.strip().lower() == "none":
+        return None
+    try:
+        counts = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        counts = ()
+    if len(counts) != 3 or min(counts) < 0:
+        raise click.BadParameter(f"expected REAL,FAKE,TEST such as 300,300,200 (or none), got {value!r}.")
+    return counts  # type: ignore[return-value]
+
+
+@main.command("doctor")
+@click.option("--data", type=click.Path(path_type=str), default=None,
+              help="Data folder to check (layout, labels, counts). Without it only the machine is checked.")
+@click.option("--backbone", default="inception_resnet_v2.tf_in1k", show_default=True,
+              help="timm model whose pretrained weights must be reachable offline.")
+@click.option("--weights", type=click.Path(path_type=str), default=None,
+              help="Local weights file to check instead of the Hugging Face cache.")
+@click.option("--expect", callback=_parse_counts, default="300,300,200", show_default=True,
+              help="Expected real,fake,test counts (the competition's); 'none' to only print what is found.")
+def doctor(data: str | None, backbone: str, weights: str | None, expect: tuple[int, int, int] | None) -> None:
+    """Check the data folder, FFmpeg, the torch stack, GPU/NVML and backbone weights; exit 1 if essentials fail."""
+    from arena.doctor import run_doctor
+
+    result = run_doctor(data, backbone=backbone, weights=weights, expect=expect)
+    click.echo(result.table())
+    if result.layout_report:
+        click.echo("\n" + result.layout_report)
+    if not result.ok:
+        raise SystemExit(1)
+
+
+@main.command("split")
+@click.option("--data", type=click.Path(path_type=str), required=True, help="Data folder (seed layout).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=str), required=True,
+              help="Folder of split.json (created; the file is reused by every later stage).")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the stratified permutation.")
+@click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.3,
+              show_default=True, help="Share of each class held out for validation.")
+@click.option("--new-split", is_flag=True, help="Replace an existing split.json (e.g. after the dataset changed).")
+def split(data: str, out: str, seed: int, val_fraction: float, new_split: bool) -> None:
+    """Write (or check and reuse) the stratified train/validation split and print its counts."""
+    from arena.data import DataError, load_dataset, make_split
+
+    try:
+        dataset = load_dataset(data, require_test=False)
+        result = make_split(dataset, out, val_fraction=val_fraction, seed=seed, new=new_split)
+    except DataError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if dataset.report.warnings:
+        click.echo(str(dataset.report), err=True)
+    c = result.counts()
+    click.echo(f"split: train {len(result.train)} ({c['train_real']} real / {c['train_fake']} fake), "
+               f"val {len(result.val)} ({c['val_real']} real / {c['val_fake']} fake), seed {result.seed}, "
+               f"val_fraction {result.val_fraction:g} -> {result.path} (sha256 {result.sha256[:16]})")
+
 # --- section: cache ---
 
 # --- section: features ---
