@@ -52,7 +52,7 @@ __all__ = [
 
 FILENAME_COLUMNS = ("filename", "file", "video", "name", "path")
 LABEL_COLUMNS = ("label", "target", "class", "is_fake")
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp")
 TRAIN_CSV = "train_labels.csv"
 TEST_CSV = "test_public.csv"
 SPLIT_FILE = "split.json"

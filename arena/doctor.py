@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["DEFAULT_BACKBONE", "COMPETITION_COUNTS", "Check", "DoctorResult", "run_doctor", "weights_status"]
+__all__ = ["DEFAULT_BACKBONE", "COMPETITION_COUNTS", "Check", "DoctorResult", "run_doctor", "sniff_container",
+           "weights_status"]
 
 # Same default as arena.model (not imported from there: model imports this module, and doctor must stay light).
 DEFAULT_BACKBONE = "inception_resnet_v2.tf_in1k"
@@ -127,6 +128,32 @@ def weights_status(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike | No
                    "use --weights PATH or --no-pretrained")
 
 
+# ------------------------------------------------------------------------------------- container sniff
+
+# (offset, magic) -> container. Reading 16 bytes is not decoding: it only flags files that cannot be videos
+# (a text file or an HTML error page renamed .mp4) before a long features run reaches them.
+_MP4_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot")
+_SIGNATURES = ((0, b"\x1a\x45\xdf\xa3", "matroska/webm"), (0, b"FLV", "flv"), (0, b"OggS", "ogg"),
+               (0, b"\x00\x00\x01\xba", "mpeg-ps"), (0, b"\x30\x26\xb2\x75", "asf/wmv"),
+               (0, b"\x00\x00\x00\x01", "h264/hevc elementary stream"))
+
+
+def sniff_container(path: str | os.PathLike) -> str | None:
+    """The container family a file's first bytes announce (``"mp4/mov"``, ``"matroska/webm"``, ...), or None."""
+    with open(path, "rb") as f:
+        head = f.read(192)
+    if head[4:8] in _MP4_BOXES:
+        return "mp4/mov"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "avi"
+    if len(head) > 188 and head[0] == 0x47 and head[188] == 0x47:
+        return "mpeg-ts"
+    for offset, magic, name in _SIGNATURES:
+        if head[offset:offset + len(magic)] == magic:
+            return name
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- checks
 
 
@@ -146,6 +173,19 @@ def _check_data(data: Path, expect: tuple[int, int, int] | None, result: DoctorR
         extra = f", {len(rep.warnings)} warning(s) (see the report below)" if rep.warnings else ""
         result.checks.append(Check("data layout", "warn" if rep.warnings else "ok", f"{data}{extra}",
                                    essential=True))
+    unknown = []
+    for item in (*ds.train, *ds.test):
+        try:
+            if sniff_container(item.path) is None:
+                unknown.append(item.key)
+        except OSError as e:
+            unknown.append(f"{item.key} ({e.strerror})")
+    n = len(ds.train) + len(ds.test)
+    if unknown:
+        result.checks.append(Check("video headers", "warn", f"{len(unknown)} of {n} files do not start like a video "
+                                   f"container (e.g. {', '.join(unknown[:3])}); the decoder will report them"))
+    else:
+        result.checks.append(Check("video headers", "ok", f"{n} files start like video containers"))
     if expect is None:
         result.checks.append(Check("data counts", "ok", counts))
     elif found == tuple(expect):

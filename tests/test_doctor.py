@@ -5,11 +5,12 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from arena.cli import main
-from arena.doctor import Check, DoctorResult, weights_status
+from arena.doctor import Check, DoctorResult, sniff_container, weights_status
 
 
 @pytest.fixture
@@ -78,6 +79,28 @@ def test_weights_not_reachable_offline(tmp_path, no_network):
     assert weights_status("not_a_model.x", hf_cache_dir=tmp_path / "hub")[0]
 
 
+# ---------------------------------------------------------------------------------------- header sniff
+
+SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
+
+
+def test_sniff_container_on_generated_and_fake_files(tmp_path):
+    from arena.demo import write_video
+
+    frames = np.zeros((3, 16, 16, 3), dtype=np.uint8)
+    write_video(tmp_path / "v.mp4", frames, fps=5)
+    assert sniff_container(tmp_path / "v.mp4") == "mp4/mov"
+    (tmp_path / "page.mp4").write_text("<html>404 not found</html>")
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    assert sniff_container(tmp_path / "page.mp4") is None and sniff_container(tmp_path / "zero.mp4") is None
+
+
+@pytest.mark.skipif(not SHARED_VIDEOS.is_dir(), reason=f"{SHARED_VIDEOS} absent")
+def test_sniff_container_knows_every_shared_video():
+    videos = sorted(p for p in SHARED_VIDEOS.iterdir() if p.suffix != ".tsv")
+    assert videos and all(sniff_container(p) is not None for p in videos)
+
+
 # ------------------------------------------------------------------------------------------------ table
 
 
@@ -110,9 +133,16 @@ def test_doctor_cli_good_layout(tmp_path, no_network):
         assert row in out
     assert "2 real / 2 fake train, 1 test (as expected)" in out
     assert f"file:{w}" in out and "all essential checks passed" in out
-    # competition counts by default: a warning, not a failure
+    assert "video headers" in out and "5 of 5 files do not start like a video container" in out
+    # real videos pass the header check; competition counts by default: a warning, not a failure
+    from arena.demo import write_video
+
+    frames = np.zeros((3, 16, 16, 3), dtype=np.uint8)
+    for item in data.glob("*/**/*.mp4"):
+        write_video(item, frames, fps=5)
     res = CliRunner().invoke(main, ["doctor", "--data", str(data)])
     assert res.exit_code == 0 and "expected 300 / 300, 200" in res.output
+    assert "5 files start like video containers" in res.output
 
 
 @pytest.mark.slow
