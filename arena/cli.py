@@ -18,6 +18,41 @@ def main() -> None:
 
 # --- section: video (inspect) ---
 
+
+@main.command("inspect")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--decode", "decode_k", type=click.IntRange(min=1), default=None,
+              help="Also decode K uniformly sampled frames and report ok / partial / error.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list (one object per file).")
+def inspect_cmd(paths: tuple[str, ...], decode_k: int | None, as_json: bool) -> None:
+    """Container, codec, size, fps, frame count, duration and rotation of each video (exit 0 whatever they are)."""
+    import json
+
+    from arena.video import inspect_videos
+
+    rows = inspect_videos(paths, decode=decode_k)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    cols = ["file", "container", "codec", "width", "height", "fps", "num_frames", "duration_seconds", "rotation",
+            "status"]
+    table = [[_fmt_cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for r, t in zip(rows, table, strict=True):
+        click.echo("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)))
+        if r.get("message"):
+            click.echo(f"    {r['message']}")
+
+
+def _fmt_cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}".rstrip("0").rstrip(".")
+    return str(v)
+
+
 # --- section: demo (demo-data) ---
 
 
