@@ -166,10 +166,14 @@ class Dataset:
 
     def get(self, key: str) -> VideoItem:
         """The train or test item with this key; KeyError naming the key otherwise."""
-        for item in (*self.train, *self.test):
-            if item.key == key:
-                return item
-        raise KeyError(f"no video with key {key!r} in {self.root}")
+        index = {item.key: item for item in (*self.train, *self.test)}
+        if key not in index:
+            raise KeyError(f"no video with key {key!r} in {self.root}")
+        return index[key]
+
+    def by_key(self) -> dict[str, VideoItem]:
+        """Every train and test item by key (build it once when looking many keys up)."""
+        return {item.key: item for item in (*self.train, *self.test)}
 
     def __repr__(self) -> str:
         return f"Dataset(root={str(self.root)!r}, train={len(self.train)}, test={len(self.test)}, ok={self.report.ok})"
@@ -228,9 +232,16 @@ class _Scanner:
         self.refused: set[str] = set()  # keys that exist but escape or are unusable (reported already)
 
     # -- folders
+    def _entries(self, rel: str) -> list[os.DirEntry]:
+        try:
+            return sorted(os.scandir(self.root / rel), key=lambda e: e.name)
+        except OSError as e:
+            self.report.error("unreadable-folder", f"{rel}: cannot be listed ({e.strerror}); check its permissions")
+            return []
+
     def scan_folder(self, rel: str, label: int | None, into: dict | set) -> None:
         folder = self.root / rel
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        for entry in self._entries(rel):
             name = entry.name
             if name.startswith("."):
                 continue
@@ -268,7 +279,7 @@ class _Scanner:
     def train_subfolders(self) -> list[tuple[str, int | None]]:
         """``train`` itself (label None) and its real/fake subfolders (any case), as (relative dir, label)."""
         out: list[tuple[str, int | None]] = [("train", None)]
-        for entry in sorted(os.scandir(self.root / "train"), key=lambda e: e.name):
+        for entry in self._entries("train"):
             if entry.is_dir() and entry.name.lower() in _CLASS_FOLDERS:
                 rel = f"train/{entry.name}"
                 if not _inside(self.root / rel, self.real_root):

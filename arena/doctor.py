@@ -160,7 +160,11 @@ def sniff_container(path: str | os.PathLike) -> str | None:
 def _check_data(data: Path, expect: tuple[int, int, int] | None, result: DoctorResult) -> None:
     from arena.data import scan_dataset
 
-    ds = scan_dataset(data)
+    try:
+        ds = scan_dataset(data)
+    except OSError as e:  # the scan reports bad content itself; this is the file system failing under it
+        result.checks.append(Check("data layout", "fail", f"{data}: cannot be scanned ({e})", essential=True))
+        return
     rep = ds.report
     result.layout_report = str(rep)
     c = rep.counts

@@ -342,3 +342,33 @@ def test_scan_reports_errors_without_raising(tmp_path):
     ds = scan_dataset(root)
     assert not ds.report.ok and "wrong-columns" in ds.report.kinds("error")
     assert "errors (1):" in str(ds.report) and "columns found: 'clip', 'y'" in str(ds.report)
+
+
+def test_unreadable_folder_is_an_error_not_a_crash(tmp_path, monkeypatch):
+    root = make_layout(tmp_path, 1, 1, csv=None)
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("train/fake"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    ds = scan_dataset(root)
+    assert "train/fake: cannot be listed (Permission denied)" in ds.report.errors[0]
+
+
+def test_test_folder_symlink_outside_refused(tmp_path):
+    outside = tmp_path / "secret.mp4"
+    outside.write_bytes(b"x")
+    root = make_layout(tmp_path / "data", 1, 1, 1, test_csv=False)
+    os.symlink(outside, root / "test/evil.mp4")
+    with pytest.raises(DataError, match="test/evil.mp4: is a symlink to .*secret.mp4, outside the data folder"):
+        load_dataset(root)
+
+
+def test_by_key(tmp_path):
+    ds = load_dataset(make_layout(tmp_path, 1, 1, 1))
+    assert sorted(ds.by_key()) == ["test/t000.mp4", "train/fake/f000.mp4", "train/real/r000.mp4"]
+    with pytest.raises(KeyError, match="no video with key 'x.mp4'"):
+        ds.get("x.mp4")
