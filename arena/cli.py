@@ -169,6 +169,76 @@ def split(data: str, out: str, seed: int, val_fraction: float, new_split: bool) 
 
 # --- section: cache ---
 
+
+@main.group("cache")
+def cache_group() -> None:
+    """Inspect and merge HDF5 feature caches."""
+
+
+def _format_bytes(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
+
+
+@cache_group.command("info")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--max-failures", default=20, show_default=True, type=click.IntRange(min=0),
+              help="How many failed videos to list with their reasons.")
+def cache_info(paths: tuple[str, ...], max_failures: int) -> None:
+    """Provenance, video counts (ok / partial / failed) and size of each cache PATH (a file, shard set or glob).
+
+    Several PATHs are shown one by one; a missing cache.h5 whose shards exist is shown as the shard set.
+    """
+    import json
+
+    from arena.cache import CacheError, FeatureCache
+
+    for path in paths:
+        try:
+            cache = FeatureCache.open(path)
+        except CacheError as exc:
+            raise click.ClickException(str(exc)) from exc
+        with cache:
+            info = cache.info()
+            n = max(info["videos"], 1)
+            click.echo(f"cache: {', '.join(info['paths'])}")
+            staged = "  [staged parts not yet compacted]" if info["staged"] else ""
+            click.echo(f"  videos: {info['videos']} (ok {info['ok']}, partial {info['partial']}, "
+                       f"failed {info['failed']}){staged}")
+            click.echo(f"  size: {_format_bytes(info['size_bytes'])} ({_format_bytes(info['size_bytes'] // n)}/video), "
+                       f"{info['rows']} frame rows")
+            click.echo("  provenance:")
+            for key, value in info["provenance"].items():
+                click.echo(f"    {key}: {json.dumps(value, sort_keys=True)}")
+            failures = cache.failures()
+            for key, message in list(failures.items())[:max_failures]:
+                click.echo(f"  failed: {key}: {message}")
+            if len(failures) > max_failures:
+                click.echo(f"  ... and {len(failures) - max_failures} more failed videos")
+
+
+@cache_group.command("merge")
+@click.argument("out")
+@click.argument("shards", nargs=-1, required=True)
+def cache_merge(out: str, shards: tuple[str, ...]) -> None:
+    """Merge SHARDS (files written with --shard i/n, or a glob) into one compacted cache OUT.
+
+    OUT is byte-identical to the cache a single process would have written for the same videos.
+    """
+    from arena.cache import CacheError, merge_shards
+
+    try:
+        with merge_shards(out, list(shards)) as cache:
+            counts = cache.counts()
+            click.echo(f"merged {len(shards)} path(s) into {out}: {len(cache.keys) + counts['failed']} videos "
+                       f"(ok {counts['ok']}, partial {counts['partial']}, failed {counts['failed']})")
+    except CacheError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 # --- section: features ---
 
 
