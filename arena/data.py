@@ -267,6 +267,10 @@ class _Scanner:
                 self.report.warn("broken-link", f"{key}: broken symlink; skipped")
                 self.refused.add(key)
                 continue
+            if not path.is_file():  # a FIFO or device named .mp4 would block or stream forever in the decoder
+                self.report.warn("not-a-file", f"{key}: not a regular file; skipped")
+                self.refused.add(key)
+                continue
             if path.stat().st_size == 0:
                 self.report.warn("zero-bytes", f"{key}: file is empty (0 bytes); skipped")
                 self.refused.add(key)
@@ -280,7 +284,10 @@ class _Scanner:
         """``train`` itself (label None) and its real/fake subfolders (any case), as (relative dir, label)."""
         out: list[tuple[str, int | None]] = [("train", None)]
         for entry in self._entries("train"):
-            if entry.is_dir() and entry.name.lower() in _CLASS_FOLDERS:
+            if entry.is_dir() and not _is_utf8(entry.name):
+                shown = os.fsencode(entry.name).decode("utf-8", "backslashreplace")
+                self.report.warn("non-utf8-name", f"train/{shown}: folder name is not valid UTF-8; skipped (rename it)")
+            elif entry.is_dir() and entry.name.lower() in _CLASS_FOLDERS:
                 rel = f"train/{entry.name}"
                 if not _inside(self.root / rel, self.real_root):
                     self.report.error("escapes-data-folder", f"{rel}: points outside the data folder "
@@ -431,8 +438,9 @@ def scan_dataset(root: str | os.PathLike, *, require_test: bool = True) -> Datas
     return Dataset(root=root, train=train, test=test, report=report)
 
 
-_SKIP_KINDS = {"non-utf8-name", "broken-link", "zero-bytes", "missing", "unlisted", "duplicate", "unknown-label",
-               "ambiguous", "empty-name"}
+# Warning kinds that each stand for one skipped video (or CSV row); "duplicate-row" keeps the video.
+_SKIP_KINDS = {"non-utf8-name", "broken-link", "not-a-file", "zero-bytes", "missing", "unlisted", "duplicate",
+               "unknown-label", "ambiguous", "empty-name"}
 
 
 def _scan_train(root: Path, scanner: _Scanner, report: LayoutReport) -> list[VideoItem]:

@@ -372,3 +372,11 @@ def test_by_key(tmp_path):
     assert sorted(ds.by_key()) == ["test/t000.mp4", "train/fake/f000.mp4", "train/real/r000.mp4"]
     with pytest.raises(KeyError, match="no video with key 'x.mp4'"):
         ds.get("x.mp4")
+
+
+def test_fifo_named_mp4_skipped(tmp_path):
+    root = make_layout(tmp_path, 2, 1, csv=None)
+    os.mkfifo(root / "train/real/pipe.mp4")
+    ds = load_dataset(root)
+    assert "train/real/pipe.mp4: not a regular file; skipped" in ds.report.warnings
+    assert ds.report.counts["train_real"] == 2
