@@ -316,6 +316,261 @@ def features_cmd(data, cache, models, frames, tta, backbone, pretrained, weights
 
 # --- section: tune (tune-head, frame-test) ---
 
+
+def _tune_frames(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    return None if value is None else parse_frame_counts(ctx, param, value)
+
+
+def _tune_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@main.command("tune-head")
+@click.option("--cache", type=click.Path(dir_okay=False), default="cache/features.h5", show_default=True,
+              help="Feature cache written by `arena features`.")
+@click.option("--data", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Dataset folder (for the split; test videos are never read).")
+@click.option("--models", type=click.Path(file_okay=False), default="models", show_default=True,
+              help="Holds split.json; receives best_head.pt, best_head_params.json, study_summary.json, plots.")
+@click.option("--n-trials", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Total target of finished (complete or pruned) trials in the study; a rerun resumes up to it.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop starting new trials after this many seconds (this run).")
+@click.option("--storage", default=None,
+              help="Optuna storage: journal:<file> (several workers, one machine), postgresql://... (several "
+                   "machines) or sqlite:///<file>. Default: sqlite:///<models>/optuna.db.")
+@click.option("--study-name", default="head", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the sampler and every head's training.")
+@click.option("--frames", default=None, callback=_tune_frames,
+              help="Candidate frame counts, e.g. 24,32,48 (default: every frame count in the cache).")
+@click.option("--epochs", type=click.IntRange(1, 1000), default=30, show_default=True,
+              help="Maximum epochs per trial (early stopping usually ends sooner).")
+@click.option("--patience", type=click.IntRange(1, 1000), default=4, show_default=True,
+              help="Epochs without validation improvement before a trial stops.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True, help="Videos per step.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=None,
+              help="torch CPU threads (default: torch's choice; use 1 per worker when several workers share cores).")
+def tune_head_cmd(cache, data, models, n_trials, timeout, storage, study_name, seed, frames, epochs, patience,
+                  batch_size, device, threads):
+    """Optuna search over the attention head on cached features; objective: validation log loss."""
+    from arena.tune import tune_head
+
+    _tune_threads(threads)
+    try:
+        s = tune_head(cache, data, models, n_trials=n_trials, timeout=timeout, storage=storage, study_name=study_name,
+                      seed=seed, frames=frames, epochs=epochs, patience=patience, batch_size=batch_size, device=device)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    states = ", ".join(f"{n} {k.lower()}" for k, n in sorted(s["states"].items()))
+    click.echo(f"study {s['study_name']!r} ({s['storage']}): {s['n_trials']} trials ({states}); "
+               f"this run {s['this_run_seconds']:.1f} s")
+    if s.get("best_trial"):
+        b = s["best_trial"]
+        a = {k: b["user_attrs"].get(k, float("nan")) for k in ("auc", "accuracy", "f1")}
+        click.echo(f"best trial #{b['number']}: val log loss {b['value']:.4f}, AUC {a['auc']:.4f}, "
+                   f"accuracy {a['accuracy']:.3f}, F1 {a['f1']:.3f}")
+        click.echo(f"params: {b['params']}")
+        click.echo(f"wrote {models}/best_head.pt, best_head_params.json, study_summary.json")
+    else:
+        click.echo("no complete trial yet: nothing written but study_summary.json")
+    if s.get("skipped_videos"):
+        click.echo(f"skipped {len(s['skipped_videos'])} video(s) whose features failed (see study_summary.json)")
+    for name, where in s.get("plots", {}).items():
+        if where.startswith("skipped"):
+            click.echo(f"{name}: {where}")
+    if not s.get("reached_target"):
+        click.echo(f"target of {n_trials} finished trials not reached (timeout); run the command again to continue.")
+    if not s.get("best_trial"):
+        raise SystemExit(1)
+
+
+@main.command("frame-test")
+@click.option("--cache", type=click.Path(dir_okay=False), default="cache/features.h5", show_default=True)
+@click.option("--data", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Dataset folder (for the split).")
+@click.option("--models", type=click.Path(file_okay=False), default="models", show_default=True,
+              help="Holds best_head_params.json from tune-head; receives frame_test.json.")
+@click.option("--frames", default=None, callback=_tune_frames,
+              help="Frame counts to compare (default: every frame count in the cache).")
+@click.option("--seed", type=int, default=None, help="Default: the study's seed.")
+@click.option("--epochs", type=click.IntRange(1, 1000), default=None, help="Default: the study's maximum.")
+@click.option("--patience", type=click.IntRange(1, 1000), default=None, help="Default: the study's patience.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="torch CPU threads.")
+def frame_test_cmd(cache, data, models, frames, seed, epochs, patience, device, threads):
+    """Compare frame counts with the tuned head on the validation split; recommends by validation log loss."""
+    from arena.tune import frame_test
+
+    _tune_threads(threads)
+    try:
+        out = frame_test(cache, data, models, frames=frames, seed=seed, epochs=epochs, patience=patience,
+                         device=device)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{'frames':>6}  {'AUC':>6}  {'log loss':>8}  {'accuracy':>8}  {'avg conf (seed)':>15}")
+    for k, r in out["results"].items():
+        auc = "-" if r["auc"] is None else f"{r['auc']:.4f}"
+        click.echo(f"{k:>6}  {auc:>6}  {r['log_loss']:>8.4f}  {r['accuracy']:>8.3f}  {r['mean_confidence']:>15.4f}")
+    click.echo(f"recommended: {out['recommended_frames']} frames (lowest validation log loss); the seed's criterion "
+               f"(average confidence) would pick {out['seed_criterion_pick']}. Wrote {models}/frame_test.json")
+
 # --- section: train (train-full) ---
 
+
+@main.command("train-full")
+@click.option("--data", type=click.Path(exists=True, file_okay=False), required=True, help="Dataset folder.")
+@click.option("--models", type=click.Path(file_okay=False), default="models", show_default=True,
+              help="Output folder (split.json, frame_test.json and best_head.pt are read from it when present).")
+@backbone_options
+@click.option("--frames", type=click.IntRange(1, 512), default=None,
+              help="Frames per video; default: frame_test.json's recommendation, else 24.")
+@click.option("--batch-size", type=click.IntRange(1, 256), default=1, show_default=True, help="Videos per step.")
+@click.option("--accum-steps", type=click.IntRange(1, 1024), default=4, show_default=True,
+              help="Gradient accumulation steps (effective batch = batch size x steps x processes).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True,
+              help="AdamW learning rate of the backbone (and of the head without a tuned one).")
+@click.option("--head-lr", type=click.FloatRange(0, min_open=True), default=None,
+              help="Head learning rate; default: the tuned head's, else --lr.")
+@click.option("--weight-decay", type=click.FloatRange(0), default=1e-5, show_default=True)
+@click.option("--epochs", type=click.IntRange(1, 10_000), default=30, show_default=True, help="At most this many.")
+@click.option("--lr-patience", type=click.IntRange(0), default=2, show_default=True,
+              help="ReduceLROnPlateau patience on validation loss (epochs).")
+@click.option("--es-patience", type=click.IntRange(1), default=3, show_default=True,
+              help="Early stopping patience on validation loss (epochs).")
+@click.option("--amp", type=click.Choice(["auto", "fp16", "bf16", "off"]), default="auto", show_default=True,
+              help="auto: fp16 + GradScaler on CUDA, bf16 on CPU.")
+@click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True,
+              help="Recompute backbone activations in backward (the seed's settings in 4 GB of VRAM).")
+@click.option("--head-init", type=click.Choice(["auto", "tuned", "default"]), default="auto", show_default=True,
+              help="auto: start from tune-head's best_head.pt when it exists.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True, help="Decoder processes.")
+@click.option("--resume", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              is_flag=False, flag_value="yes",
+              help="auto: continue an unfinished last.pt with the same settings; --resume: require it; no: start over.")
+@click.option("--limit-train", type=click.IntRange(2), default=None, help="At most N training videos (quick runs).")
+@click.option("--limit-val", type=click.IntRange(2), default=None, help="At most N validation videos.")
+@click.option("--min-frames", type=click.IntRange(1, 512), default=4, show_default=True,
+              help="Fewest frames an out-of-memory retry may fall back to.")
+@click.option("--temp-pause", type=click.FloatRange(30, 110), default=78.0, show_default=True,
+              help="Pause when the GPU reaches this temperature (°C).")
+@click.option("--temp-resume", type=click.FloatRange(20, 105), default=72.0, show_default=True,
+              help="Resume when it has cooled to this (°C).")
+@click.option("--vram-warn", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+              help="Warn and empty the CUDA cache at this fraction of VRAM in use.")
+@click.option("--empty-cache-each-video/--no-empty-cache-each-video", default=False, show_default=True)
+def train_full_cmd(data, models, backbone, pretrained, weights, image_size, seed, frames, batch_size, accum_steps, lr,
+                   head_lr, weight_decay, epochs, lr_patience, es_patience, amp, grad_checkpointing, head_init,
+                   device, workers, resume, limit_train, limit_val, min_frames, temp_pause, temp_resume, vram_warn,
+                   empty_cache_each_video):
+    """Fine-tune backbone + attention head end to end (resumable; DDP under torchrun -m arena train-full)."""
+    import logging
+
+    from arena.model import WeightsUnavailable
+    from arena.train import TrainConfig, train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = TrainConfig(
+            data=data, models=models, backbone=backbone, pretrained=pretrained and weights is None, weights=weights,
+            image_size=image_size, frames=frames, batch_size=batch_size, accum_steps=accum_steps, lr=lr,
+            head_lr=head_lr, weight_decay=weight_decay, epochs=epochs, lr_patience=lr_patience,
+            es_patience=es_patience, amp=amp, grad_checkpointing=grad_checkpointing, head_init=head_init,
+            workers=workers, seed=seed, device=device, resume=resume, limit_train=limit_train, limit_val=limit_val,
+            min_frames=min_frames, temp_pause_c=temp_pause, temp_resume_c=temp_resume, vram_warn_frac=vram_warn,
+            empty_cache_each_video=empty_cache_each_video,
+        )
+        result = train(cfg)
+    except (ValueError, WeightsUnavailable) as exc:  # bad data/split/options, missing weights, resume mismatch
+        raise click.ClickException(str(exc)) from exc
+    if result.main:
+        for line in result.lines():
+            click.echo(line)
+    if result.skipped:
+        raise SystemExit(3)  # outputs complete, but some videos could not be decoded (listed above)
+
 # --- section: submit (submit, evaluate) ---
+
+
+@main.command("submit")
+@click.option("--data", "data", type=click.Path(file_okay=False), required=True,
+              help="Data folder with test_public.csv and test/.")
+@click.option("--models", type=click.Path(file_okay=False), required=True,
+              help="Models folder: inception_resnet_v2_best.pt (train-full) or best_head.pt (tune-head).")
+@click.option("--out", type=click.Path(dir_okay=False), default="SUBMISSION_DIRECTORY/PREDICTIONS.CSV",
+              show_default=True, help="The submission CSV; predictions_detail.csv is written beside it.")
+@click.option("--model", "kind", type=click.Choice(["auto", "finetuned", "head-only"]), default="auto",
+              show_default=True, help="auto: the fine-tuned checkpoint when present, else the tuned head.")
+@click.option("--frames", type=click.IntRange(min=1), default=None,
+              help="Frames per video [default: frame_test.json's recommendation, else 24].")
+@click.option("--tta/--no-tta", default=True, show_default=True, help="Average the five TTA variants.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Decoding processes running ahead of the model (0: decode in the main process).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Frames per backbone batch.")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision (fp16 CUDA, bf16 CPU).")
+@click.option("--verify", "verify", type=click.Path(), default=None,
+              help="Feature cache to verify the full path against (fails above 1e-3 in p_fake).")
+@click.option("--verify-sample", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Test videos compared by --verify.")
+@click.option("--verify-all", is_flag=True, help="Compare every test video with --verify.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed (torch, verification sample).")
+def submit_cmd(data: str, models: str, out: str, kind: str, frames: int | None, tta: bool, device: str,
+               workers: int, batch_size: int, amp: bool, verify: str | None, verify_sample: int, verify_all: bool,
+               seed: int) -> None:
+    """Predict every test video (decode -> 5 TTA views -> backbone -> head), validate and write the CSV."""
+    from arena.data import DataError
+    from arena.predict import PredictError
+    from arena.submit import SubmissionError, make_submission
+
+    try:
+        make_submission(data=data, models=models, out=out, kind=kind, frames=frames, tta=tta, device=device,
+                        workers=workers, batch_size=batch_size, amp=amp, verify=verify,
+                        verify_sample=None if verify_all else verify_sample, seed=seed, echo=click.echo)
+    except (SubmissionError, PredictError, DataError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command("evaluate")
+@click.option("--data", "data", type=click.Path(file_okay=False), required=True, help="Data folder.")
+@click.option("--models", type=click.Path(file_okay=False), required=True,
+              help="Models folder (model and split.json).")
+@click.option("--split", type=click.Choice(["val"]), default="val", show_default=True,
+              help="Evaluate on the persisted validation split (unless --labels is given).")
+@click.option("--labels", type=click.Path(dir_okay=False), default=None,
+              help="CSV of test labels (e.g. the demo's test_labels.csv): evaluate on the test videos instead.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="JSON output [default: MODELS/evaluation.json]; attention PNGs go to its folder's attention/.")
+@click.option("--attention", multiple=True, help="Video key for the attention report (repeatable).")
+@click.option("--attention-first", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also report attention for the first N evaluated videos.")
+@click.option("--model", "kind", type=click.Choice(["auto", "finetuned", "head-only"]), default="auto",
+              show_default=True, help="auto: the fine-tuned checkpoint when present, else the tuned head.")
+@click.option("--frames", type=click.IntRange(min=1), default=None,
+              help="Frames per video [default: frame_test.json's recommendation, else 24].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Decoding processes.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Frames per backbone batch.")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision (fp16 CUDA, bf16 CPU).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def evaluate_cmd(data: str, models: str, split: str, labels: str | None, out: str | None, attention: tuple[str, ...],
+                 attention_first: int, kind: str, frames: int | None, device: str, workers: int, batch_size: int,
+                 amp: bool, seed: int) -> None:
+    """AUC, log loss, accuracy, F1 and confusion with and without TTA; attention report for chosen videos."""
+    from arena.data import DataError
+    from arena.predict import PredictError, evaluate, metrics_lines
+
+    try:
+        result = evaluate(data=data, models=models, split=split, labels=labels, out=out, attention=attention,
+                          attention_first=attention_first, kind=kind, frames=frames, device=device, workers=workers,
+                          batch_size=batch_size, amp=amp, seed=seed)
+    except (PredictError, DataError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for line in metrics_lines(result):
+        click.echo(line)
