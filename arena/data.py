@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 from collections import defaultdict
@@ -33,6 +34,8 @@ from typing import Literal
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "FILENAME_COLUMNS",
     "LABEL_COLUMNS",
@@ -41,12 +44,14 @@ __all__ = [
     "Dataset",
     "Issue",
     "LayoutReport",
+    "ListedVideo",
     "Split",
     "VideoItem",
     "load_dataset",
     "load_split",
     "make_split",
     "parse_label",
+    "read_csv_rows",
     "scan_dataset",
 ]
 
@@ -155,14 +160,29 @@ class LayoutReport:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ListedVideo:
+    """One name of ``test_public.csv`` in file order: the key it resolved to, or None and why (for the submission,
+    which must keep every row). Without the CSV, one entry per test video with its file name."""
+
+    row: int
+    name: str
+    key: str | None
+    problem: str = ""
+
+
 @dataclass
 class Dataset:
-    """The usable videos of a data folder (skipped ones are only in the report)."""
+    """The usable videos of a data folder (skipped ones are only in the report).
+
+    ``test_listing`` keeps ``test_public.csv``'s order and its unusable names; ``test`` is sorted by key.
+    """
 
     root: Path
     train: list[VideoItem]
     test: list[VideoItem]
     report: LayoutReport
+    test_listing: list[ListedVideo] = field(default_factory=list)
 
     def get(self, key: str) -> VideoItem:
         """The train or test item with this key; KeyError naming the key otherwise."""
@@ -229,7 +249,9 @@ class _Scanner:
         # key -> folder label (0/1 for train/real|fake, None elsewhere) for every acceptable video file on disk
         self.train_files: dict[str, int | None] = {}
         self.test_files: set[str] = set()
-        self.refused: set[str] = set()  # keys that exist but escape or are unusable (reported already)
+        # keys that exist but escape or are unusable -> the message already reported for them
+        self.refused: dict[str, str] = {}
+        self.last_problem = ""  # why resolve_name last returned None when it reported nothing new
 
     # -- folders
     def _entries(self, rel: str) -> list[os.DirEntry]:
@@ -248,7 +270,7 @@ class _Scanner:
             shown = f"{rel}/{os.fsencode(name).decode('utf-8', 'backslashreplace')}"
             if not _is_utf8(name):
                 self.report.warn("non-utf8-name", f"{shown}: file name is not valid UTF-8; skipped (rename it)")
-                self.refused.add(shown)
+                self.refused[shown] = self.report.issues[-1].message
                 continue
             key = f"{rel}/{name}"
             path = folder / name
@@ -261,19 +283,19 @@ class _Scanner:
             if not _inside(path, self.real_root):
                 self.report.error("escapes-data-folder", f"{key}: is a symlink to {path.resolve()}, outside the data "
                                   f"folder {self.real_root}; refused (copy the file into the folder instead)")
-                self.refused.add(key)
+                self.refused[key] = self.report.issues[-1].message
                 continue
             if not path.exists():
                 self.report.warn("broken-link", f"{key}: broken symlink; skipped")
-                self.refused.add(key)
+                self.refused[key] = self.report.issues[-1].message
                 continue
             if not path.is_file():  # a FIFO or device named .mp4 would block or stream forever in the decoder
                 self.report.warn("not-a-file", f"{key}: not a regular file; skipped")
-                self.refused.add(key)
+                self.refused[key] = self.report.issues[-1].message
                 continue
             if path.stat().st_size == 0:
                 self.report.warn("zero-bytes", f"{key}: file is empty (0 bytes); skipped")
-                self.refused.add(key)
+                self.refused[key] = self.report.issues[-1].message
                 continue
             if isinstance(into, dict):
                 into[key] = label
@@ -322,6 +344,7 @@ class _Scanner:
         if not found:
             refused = [c for c in candidates if c in self.refused]
             if refused:
+                self.last_problem = f"{where}: {self.refused[refused[0]]}"
                 return None  # already reported (escaping symlink, empty file, ...)
             for c in candidates:
                 if os.path.lexists(self.root / c) and not _inside(self.root / c, self.real_root):
@@ -418,7 +441,7 @@ def scan_dataset(root: str | os.PathLike, *, require_test: bool = True) -> Datas
         return Dataset(root=root, train=[], test=[], report=report)
     scanner = _Scanner(root, report)
     train = _scan_train(root, scanner, report)
-    test = _scan_test(root, scanner, report, require_test=require_test)
+    test, listing = _scan_test(root, scanner, report, require_test=require_test)
 
     train_names = {PurePosixPath(i.key).name for i in train}
     for item in test:
@@ -435,7 +458,7 @@ def scan_dataset(root: str | os.PathLike, *, require_test: bool = True) -> Datas
                      "training needs both")
     skipped = len([i for i in report.issues if i.kind in _SKIP_KINDS])
     report.counts = {"train_real": n_real, "train_fake": n_fake, "test": len(test), "skipped": skipped}
-    return Dataset(root=root, train=train, test=test, report=report)
+    return Dataset(root=root, train=train, test=test, report=report, test_listing=listing)
 
 
 # Warning kinds that each stand for one skipped video (or CSV row); "duplicate-row" keeps the video.
@@ -511,28 +534,40 @@ def _scan_train(root: Path, scanner: _Scanner, report: LayoutReport) -> list[Vid
     return items
 
 
-def _scan_test(root: Path, scanner: _Scanner, report: LayoutReport, *, require_test: bool) -> list[VideoItem]:
+def _scan_test(root: Path, scanner: _Scanner, report: LayoutReport, *, require_test: bool
+               ) -> tuple[list[VideoItem], list[ListedVideo]]:
     level = "error" if require_test else "warning"
     add = report.error if require_test else report.warn
     csv_path = root / TEST_CSV
     if not (root / "test").is_dir():
         add("no-test-folder", f"{root / 'test'}: missing; there is nothing to predict"
             + ("" if require_test else " (fine for training)"))
-        return []
+        return [], []
     if not _inside(root / "test", scanner.real_root):
         report.error("escapes-data-folder", f"test: points outside the data folder {scanner.real_root}; refused")
-        return []
+        return [], []
     scanner.scan_folder("test", None, scanner.test_files)
     if not csv_path.exists():
         report.warn("missing-csv", f"{TEST_CSV}: missing; every video in test/ is used")
-        return [VideoItem(k, (root / k).resolve(), None, "test") for k in sorted(scanner.test_files)]
+        keys = sorted(scanner.test_files)
+        listing = [ListedVideo(0, PurePosixPath(k).name, k) for k in keys]
+        return [VideoItem(k, (root / k).resolve(), None, "test") for k in keys], listing
     rows, usable = _read_csv(csv_path, report, need_label=False, level=level)
     if not usable:
-        return []
+        return [], []
     keys: dict[str, int] = {}
+    listing: list[ListedVideo] = []
+    names: set[str] = set()
     for line_no, fname, _ in rows:
         where = f"{TEST_CSV} row {line_no}"
+        n_issues = len(report.issues)
+        scanner.last_problem = ""
         key = scanner.resolve_name(fname, where, ["test"], scanner.test_files)
+        if fname.strip() not in names:
+            names.add(fname.strip())
+            problem = "" if key else (report.issues[-1].message if len(report.issues) > n_issues
+                                      else scanner.last_problem or f"{where}: video skipped (see the report)")
+            listing.append(ListedVideo(line_no, fname.strip(), key, problem))
         if key is None:
             continue
         if key in keys:
@@ -541,7 +576,27 @@ def _scan_test(root: Path, scanner: _Scanner, report: LayoutReport, *, require_t
         keys[key] = line_no
     for key in sorted(scanner.test_files - set(keys)):
         report.warn("unlisted", f"{key}: present but not listed in {TEST_CSV}; skipped")
-    return [VideoItem(k, (root / k).resolve(), None, "test") for k in sorted(keys)]
+    return [VideoItem(k, (root / k).resolve(), None, "test") for k in sorted(keys)], listing
+
+
+def read_csv_rows(path: str | os.PathLike, *, need_label: bool = False) -> list[tuple[int, str, str | None]]:
+    """Rows ``(line number, file name, raw label or None)`` of a CSV with the accepted column names.
+
+    The same reader the layout scan uses (column detection, BOM, delimiter sniffing, non-UTF-8 rows skipped).
+
+    Raises:
+        DataError: the file is missing, empty, or lacks the needed columns (the message lists those found).
+    """
+    path = Path(path)
+    report = LayoutReport(root=path.parent)
+    if not path.is_file():
+        raise DataError(f"{path}: CSV file not found")
+    rows, usable = _read_csv(path, report, need_label=need_label, level="error")
+    if not usable:
+        raise DataError(f"{path}: cannot be used: {'; '.join(report.errors)}")
+    for w in report.warnings:  # skipped rows are rare; log them rather than lose them silently
+        log.warning(w)
+    return rows
 
 
 def load_dataset(root: str | os.PathLike, *, require_test: bool = True) -> Dataset:

@@ -20,6 +20,7 @@ from arena.data import (
     load_split,
     make_split,
     parse_label,
+    read_csv_rows,
     scan_dataset,
 )
 
@@ -380,3 +381,32 @@ def test_fifo_named_mp4_skipped(tmp_path):
     ds = load_dataset(root)
     assert "train/real/pipe.mp4: not a regular file; skipped" in ds.report.warnings
     assert ds.report.counts["train_real"] == 2
+
+
+def test_test_listing_keeps_csv_order_and_unusable_names(tmp_path):
+    root = make_layout(tmp_path, 1, 1, 3)
+    (root / "test/t001.mp4").write_bytes(b"")  # zero bytes: skipped, but its row stays in the listing
+    (root / "test_public.csv").write_text("filename\nt002.mp4\nt001.mp4\ngone.mp4\nt000.mp4\nt002.mp4\n")
+    ds = load_dataset(root)
+    assert [(v.row, v.name, v.key) for v in ds.test_listing] == [
+        (2, "t002.mp4", "test/t002.mp4"), (3, "t001.mp4", None), (4, "gone.mp4", None),
+        (5, "t000.mp4", "test/t000.mp4")]
+    assert ds.test_listing[1].problem == "test_public.csv row 3: test/t001.mp4: file is empty (0 bytes); skipped"
+    assert "row 4: 'gone.mp4' listed but not found" in ds.test_listing[2].problem
+    assert [i.key for i in ds.test] == ["test/t000.mp4", "test/t002.mp4"]
+    (root / "test_public.csv").unlink()
+    ds = load_dataset(root)
+    assert [(v.name, v.key) for v in ds.test_listing] == [("t000.mp4", "test/t000.mp4"), ("t002.mp4", "test/t002.mp4")]
+
+
+def test_read_csv_rows(tmp_path):
+    f = tmp_path / "labels.csv"
+    f.write_text("Video;Target\na.mp4;FAKE\n\nb.mp4;0\n")
+    assert read_csv_rows(f, need_label=True) == [(2, "a.mp4", "FAKE"), (4, "b.mp4", "0")]
+    f.write_text("file\na.mp4\n")
+    assert read_csv_rows(f) == [(2, "a.mp4", None)]
+    with pytest.raises(DataError, match="nope.csv: CSV file not found"):
+        read_csv_rows(tmp_path / "nope.csv")
+    f.write_text("x,y\n1,2\n")
+    with pytest.raises(DataError, match="labels.csv: cannot be used: .*columns found: 'x', 'y'"):
+        read_csv_rows(f)
