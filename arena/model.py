@@ -138,20 +138,20 @@ class FrameEncoder(nn.Module):
         block of the model's ``nn.Sequential`` stages. Outputs and gradients are unchanged; BatchNorm running
         statistics in train mode see the recomputed forward too (as with timm's own checkpointing).
         """
+        use_own = False
         try:
             self.model.set_grad_checkpointing(enable)
-            return
         except (AssertionError, AttributeError, NotImplementedError, RuntimeError):
-            pass
+            use_own = enable
         # Top-level stages only (inception_resnet_v2: repeat, repeat_1, repeat_2 hold nearly all activations);
         # nested Sequentials inside blocks are recomputed as part of their block anyway.
         for module in self.model.children():
             if isinstance(module, nn.Sequential) and len(module) > 1:
-                if enable:
+                if use_own:
                     module.forward = functools.partial(_checkpointed_sequential, module)
                 elif "forward" in module.__dict__:
                     del module.forward
-        self._own_checkpointing = enable
+        self._own_checkpointing = use_own
 
     def weights_hash(self) -> str:
         """sha256 over every state_dict entry (sorted names, dtype, shape, bytes); stable across processes."""
