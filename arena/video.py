@@ -261,6 +261,8 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     except Exception:  # noqa: BLE001 - torchcodec cannot open it; the FFmpeg path counts frames instead
         return _info_from_ffprobe(p, meta, stream, _ffmpeg_frame_count(p, stream.get("index")))
     info = _info_from_torchcodec(p, dec, meta.get("format", {}).get("format_name", p.suffix.lstrip(".")))
+    if not info.num_frames or not _first_frame_ok(dec):  # same n as decode_uniform would use
+        info = replace(info, num_frames=_ffmpeg_frame_count(p, dec.stream_index))
     return info
 
 

@@ -184,6 +184,7 @@ def test_ts_without_keyframe_decodes_sequentially(vids):
     assert clip.decoder == "ffmpeg-sequential" and "first frame" in clip.message
     assert np.all(np.diff(got) > 0) and got[-1] == 299  # consecutive decodable frames, in order, to the end
     assert got[-1] - got[0] == clip.num_source_frames - 1
+    assert video.probe(vids["nokey"]).num_frames == clip.num_source_frames == video.source_frame_count(vids["nokey"])
 
 
 def test_edit_list_is_exact(vids):
@@ -234,6 +235,15 @@ def test_shared_corrupted_h264_gives_frames():
     clip = video.decode_uniform(path, 24, size=(32, 32))
     assert clip.decoder == "ffmpeg-sequential" and "Could not push packet" in clip.message
     assert clip.valid.sum() >= 23
+
+
+def test_variable_frame_rate_indices_are_frames():
+    path = next((p for p in shared_videos() if p.name == "torchcodec_var_fps_video.mp4"), None)
+    if path is None:
+        pytest.skip("torchcodec_var_fps_video.mp4 not in the shared videos")
+    clip = video.decode_indices(path, np.arange(0, 300, 10))
+    gaps = np.diff(clip.pts_seconds)
+    assert np.all(gaps > 0) and gaps.max() > 1.5 * gaps.min()  # frame indices, not evenly spaced times
 
 
 def test_clip_validates_itself():
