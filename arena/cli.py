@@ -37,6 +37,9 @@ def inspect_cmd(paths: tuple[str, ...], decode_k: int | None, as_json: bool) -> 
     cols = ["file", "container", "codec", "width", "height", "fps", "num_frames", "duration_seconds", "rotation",
             "status"]
     table = [[_fmt_cell(r.get(c)) for c in cols] for r in rows]
+    for r, t in zip(rows, table, strict=True):
+        if "decoded" in r:  # distinct decoded frames / rows asked for
+            t[-1] += f" {r['decoded']}/{r['requested']}"
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for r, t in zip(rows, table, strict=True):
