@@ -236,8 +236,17 @@ class _Source:
             except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
                 raise CacheError(f"Staged cache part {self.label} is damaged ({exc}); delete it and rerun "
                                  "`arena features` to recompute its video.") from exc
+        ds = self._dataset
         try:
-            return self._dataset[...]
+            offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
+            if offset is not None:
+                # Memory-map the contiguous block: no copy of the whole file, gathers touch only the rows they need,
+                # and the OS page cache keeps it for the next reader. Check the size first: mapping past the end of
+                # a truncated file would crash the process (SIGBUS) instead of raising.
+                if offset + ds.size * ds.dtype.itemsize > os.path.getsize(self.label):
+                    raise ValueError("the features block runs past the end of the file (truncated)")
+                return np.memmap(self.label, dtype=ds.dtype, mode="r", offset=offset, shape=ds.shape)
+            return ds[...]
         except Exception as exc:  # noqa: BLE001 - any h5py read failure means a damaged file
             raise CacheError(f"Cannot read features from {self.label}: {exc}. {_rebuild_hint(self.label)}") from exc
 
@@ -455,7 +464,8 @@ class _Store:
 
 
 def _exists(path: Path) -> bool:
-    return path.exists() or _parts_dir(path).is_dir()
+    """A cache is there: a main file, or staged parts (which start with provenance.json)."""
+    return path.exists() or (_parts_dir(path) / _PROVENANCE_FILE).exists()
 
 
 def _write_compacted(out: Path, provenance: Provenance, entries: Iterable[_Entry]) -> None:
@@ -583,7 +593,7 @@ class CacheWriter:
         try:
             self._cleanup_stale()
             self._status: dict[str, str] = {}
-            if _exists(self.path) and (self.path.exists() or (self._parts / _PROVENANCE_FILE).exists()):
+            if _exists(self.path):
                 store = _Store(self.path)
                 try:
                     differences = store.provenance.diff(provenance)
@@ -953,7 +963,8 @@ class FeatureCache:
               variants: Literal["all"] | str | int | Sequence[str | int] = "all") -> tuple[np.ndarray, np.ndarray]:
         """Features of many videos at once, for vectorised head training.
 
-        The first call loads each file's feature block into memory once; later calls only gather.
+        The first call memory-maps each file's feature block (read once into the OS page cache); every call then
+        gathers only the rows it needs. 600 videos x 5 variants x 48 frames x 1536-d: about a second.
 
         Returns:
             (float16 [N, V, k, d], bool mask [N, k]).
@@ -970,8 +981,15 @@ class FeatureCache:
             group[1].append(i)
             group[2].append(entry.row_start + pos)
         for source, index, rows in groups.values():
-            block = source.load()[np.concatenate(rows)][:, vids]  # [n*k, V, d]
-            out[index] = block.reshape(len(index), k, len(vids), -1).transpose(0, 2, 1, 3)
+            data, rows2d = source.load(), np.stack(rows)  # [R, V_all, d], [n, k]
+            contiguous = index == list(range(index[0], index[0] + len(index)))
+            for j, v in enumerate(vids):
+                # np.take straight into the output view: one copy, no temporaries (mode="clip" avoids buffering;
+                # the rows were bounds-checked by _positions)
+                if contiguous:
+                    np.take(data[:, v], rows2d, axis=0, out=out[index[0] : index[0] + len(index), j], mode="clip")
+                else:
+                    out[index, j] = np.take(data[:, v], rows2d, axis=0, mode="clip")
         return out, mask
 
     def iter_entries(self) -> Iterator[_Entry]:
@@ -1022,7 +1040,7 @@ def merge_shards(out: str | os.PathLike, paths: str | os.PathLike | Sequence[str
     overwrite an existing ``out``. Returns the merged cache, opened.
     """
     out = Path(out)
-    if _exists(out):
+    if out.exists() or _parts_dir(out).exists():
         raise CacheError(f"{out} already exists; merge into a new path or delete it first.")
     with FeatureCache.open(paths) as cache:
         lock = _WriteLock(out)

@@ -408,3 +408,16 @@ def test_cli_info_and_merge(tmp_path):
     (tmp_path / "bad.h5").write_bytes(b"not a cache")
     res = runner.invoke(main, ["cache", "info", str(tmp_path / "bad.h5")])
     assert res.exit_code != 0 and "arena features --cache" in res.output
+
+
+def test_empty_run_and_leftover_empty_parts_folder(tmp_path):
+    path = tmp_path / "c.h5"
+    (tmp_path / "c.h5.parts").mkdir()  # a kill right after creating the folder, before anything was staged
+    (tmp_path / "c.h5.parts" / ".x.npz.tmp-1").write_bytes(b"half")
+    with pytest.raises(CacheError, match="No feature cache"):
+        FeatureCache.open(path)
+    CacheWriter(path, make_prov()).close()
+    assert not (tmp_path / "c.h5.parts").exists()
+    with FeatureCache.open(path, expect=make_prov()) as c:
+        assert c.keys == [] and c.failures() == {}
+        assert c.batch([], 24)[0].shape == (0, len(VARIANTS), 24, DIM)
