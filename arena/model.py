@@ -163,6 +163,19 @@ class FrameEncoder(nn.Module):
             h.update(_tensor_bytes(value))
         return h.hexdigest()
 
+    def describe(self) -> dict[str, Any]:
+        """JSON-able preprocessing + weights identity, keyed like the cache's Provenance fields."""
+        return {
+            "backbone": self.name,
+            "weights_source": self.weights_source,
+            "weights_hash": self.weights_hash(),
+            "input_size": list(self.input_size),
+            "mean": [float(v) for v in self.mean.flatten()],
+            "std": [float(v) for v in self.std.flatten()],
+            "interpolation": self.interpolation,
+            "feature_dim": self.feature_dim,
+        }
+
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, feature_dim={self.feature_dim}, input_size={self.input_size}, "
                 f"weights_source={self.weights_source!r}")

@@ -152,6 +152,9 @@ def test_encoder_metadata_comes_from_timm_config(irv2):
     assert irv2.weights_source == "random:inception_resnet_v2.tf_in1k:seed=0"
     tiny = create_encoder(TINY, pretrained=False)
     assert tiny.input_size == (160, 160) and tiny.feature_dim == 96
+    info = json.loads(json.dumps(irv2.describe()))
+    assert info["input_size"] == [75, 75] and info["mean"] == [0.5] * 3 and info["feature_dim"] == 1536
+    assert info["weights_hash"] == irv2.weights_hash() and info["backbone"] == "inception_resnet_v2.tf_in1k"
 
 
 def test_encoder_forward_uint8_equals_float_and_channels_last():
