@@ -23,6 +23,11 @@ compaction leaves the old main file and the parts intact. Because the compacted 
 the set of videos, an interrupted and resumed run gives a file byte-identical to an uninterrupted one,
 and merging shards gives the same bytes as a single-process run over the same videos.
 
+Reading: the index is loaded at open; the features block is contiguous and memory-mapped on first use, so a
+batch gathers only the rows it needs and the OS page cache serves repeated reads (tools/bench_cache.py).
+A writer does not compact when it starts (close() does, and readers see staged parts anyway), so a resumed
+run rewrites the file once, not twice.
+
 Failed videos are recorded (status ``failed`` + message) and count as done, so a rerun does not retry
 them unless asked: ``done_keys(retry_failed=True)`` leaves them out, and writing such a key again
 replaces the failure record.
@@ -261,7 +266,7 @@ class _Source:
             raise CacheError(f"Cannot read features from {self.label}: {exc}. {_rebuild_hint(self.label)}") from exc
 
     def load(self) -> np.ndarray:
-        """All rows in memory (read once, then kept): batch() gathers from here."""
+        """All rows as one array (a read-only memory map of a main file, kept): batch() gathers from here."""
         if self._array is None:
             self._array = self._read()
         return self._array
