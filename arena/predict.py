@@ -174,6 +174,20 @@ def _first(d: dict, names: Sequence[str], path: Path) -> Any:
     raise PredictError(f"{path}: missing {' / '.join(names)} (keys found: {', '.join(sorted(d))}).")
 
 
+def finetuned_checkpoint(models: str | Path) -> Path:
+    """train-full's best checkpoint in ``models``: ``inception_resnet_v2_best.pt``, else the one ``*_best.pt``
+    (train-full names it after the backbone), else the newest of several; the default name when there is none."""
+    models = Path(models)
+    default = models / FINETUNED_CHECKPOINT
+    if default.is_file():
+        return default
+    found = sorted(models.glob("*_best.pt"), key=lambda p: (p.stat().st_mtime, p.name))
+    if len(found) > 1:
+        log.warning("several fine-tuned checkpoints in %s (%s); using the newest, %s", models,
+                    ", ".join(p.name for p in found), found[-1].name)
+    return found[-1] if found else default
+
+
 def load_model(
     models: str | Path,
     *,
@@ -185,7 +199,8 @@ def load_model(
     """The submission model: the fine-tuned checkpoint when present, else the head-only model.
 
     Args:
-        models: the models folder (``inception_resnet_v2_best.pt``, ``best_head.pt``, ``frame_test.json``).
+        models: the models folder (``<backbone>_best.pt`` of train-full, ``best_head.pt`` of tune-head,
+            ``frame_test.json``).
         kind: ``auto`` (fine-tuned if its checkpoint exists, else head-only), ``finetuned`` or ``head-only``.
         frames: frames per video; default from ``frame_test.json``, else 24.
         tta: average the five TTA variants (else the original frames only).
@@ -199,7 +214,7 @@ def load_model(
     models = Path(models)
     k, k_source = resolve_frames(models, frames)
     variants = tuple(VARIANTS) if tta else tuple(VARIANTS[:1])
-    ft_path, head_path = models / FINETUNED_CHECKPOINT, models / HEAD_CHECKPOINT
+    ft_path, head_path = finetuned_checkpoint(models), models / HEAD_CHECKPOINT
     if kind == "auto":
         if ft_path.is_file():
             kind = "finetuned"
@@ -207,8 +222,8 @@ def load_model(
             kind = "head-only"
         else:
             raise PredictError(
-                f"no model in {models}: neither {FINETUNED_CHECKPOINT} (arena train-full) nor {HEAD_CHECKPOINT} "
-                "(arena tune-head) exists. Run one of them first."
+                f"no model in {models}: neither {FINETUNED_CHECKPOINT} / *_best.pt (arena train-full) nor "
+                f"{HEAD_CHECKPOINT} (arena tune-head) exists. Run one of them first."
             )
 
     if kind == "finetuned":
@@ -240,15 +255,17 @@ def load_model(
 
     if not head_path.is_file():
         raise PredictError(f"{head_path} does not exist; run `arena tune-head` first.")
-    ckpt = _load_checkpoint(head_path)
-    head_cfg = _first(ckpt, ("head_config", "config"), head_path)
-    state = _first(ckpt, ("head_state_dict", "state_dict", "model_state_dict"), head_path)
-    prov = _first(ckpt, ("provenance", "cache_provenance"), head_path)
+    from arena.tune import load_head
+
+    try:
+        head, ckpt = load_head(head_path)  # tune-head's own loader: weights_only=True, format checked
+    except ValueError as exc:
+        raise PredictError(str(exc)) from exc
+    head_cfg = head.config()
+    prov = _first(ckpt, ("provenance",), head_path)
     if not isinstance(prov, dict):
         raise PredictError(f"{head_path}: the cache provenance must be a dict, got {type(prov).__name__}.")
     encoder = recreate_encoder(prov, device=device)
-    head = DetectorHead(**head_cfg)
-    head.load_state_dict(state)
     info = {"kind": "head-only", "checkpoint": str(head_path), "backbone": prov.get("backbone"),
             "weights_source": prov.get("weights_source"), "weights_hash": prov.get("weights_hash"), "head": head_cfg}
     return LoadedModel("head-only", encoder, head.to(device).eval(), k, k_source, variants, head_path,

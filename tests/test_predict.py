@@ -33,18 +33,21 @@ def save_head_only(cache_path: Path, models: Path, *, seed: int = 0) -> None:
     """A head-only model as tune-head leaves it: head weights, config, feature stats and the cache provenance."""
     from arena.cache import FeatureCache
     from arena.model import DetectorHead
+    from arena.tune import HEAD_FORMAT, provenance_dict
 
     cache = FeatureCache.open(cache_path)
     torch.manual_seed(seed)
     head = DetectorHead(cache.provenance.feature_dim, attn_dim=16, hidden=16, dropout=0.3)
     feats = np.concatenate([cache.features(k, FRAMES, "original")[0] for k in cache.keys if k.startswith("train/")])
     head.set_feature_stats(feats.astype(np.float32).mean(0), feats.astype(np.float32).std(0))
-    torch.save({"head_state_dict": head.state_dict(), "head_config": head.config(),
-                "provenance": cache.provenance.to_dict(), "frames": FRAMES}, models / "best_head.pt")
+    # The layout of tune-head's best_head.pt (arena.tune.head_checkpoint), without running a study.
+    torch.save({"format": HEAD_FORMAT, "state_dict": head.state_dict(), "config": head.config(),
+                "head_config": head.config(), "frames": FRAMES, "provenance": provenance_dict(cache.provenance)},
+               models / "best_head.pt")
 
 
 def save_finetuned(models: Path, *, seed: int = 1) -> None:
-    """A train-full checkpoint with the seed's keys (encoder + head of a Detector)."""
+    """A train-full checkpoint with the seed's keys (encoder + head of a Detector), named as train-full names it."""
     from arena.model import Detector, DetectorHead, create_encoder
 
     enc = create_encoder(BACKBONE, pretrained=False, image_size=IMAGE_SIZE, seed=seed)
@@ -54,7 +57,7 @@ def save_finetuned(models: Path, *, seed: int = 1) -> None:
     cfg = {"backbone": BACKBONE, "image_size": IMAGE_SIZE, "frames": FRAMES, "head": head.config(),
            "pretrained": False, "weights": None, "seed": seed}
     torch.save({"epoch": 1, "model_state_dict": det.state_dict(), "optimizer_state_dict": {}, "val_acc": 0.5,
-                "val_f1": 0.5, "val_auc": 0.5, "history": [], "config": cfg}, models / "inception_resnet_v2_best.pt")
+                "val_f1": 0.5, "val_auc": 0.5, "history": [], "config": cfg}, models / f"{BACKBONE}_best.pt")
 
 
 def build_world(base: Path) -> World:
@@ -128,7 +131,7 @@ def test_load_model_refuses_pickled_code(tmp_path):
         def __reduce__(self):
             return (print, ("this would run",))
 
-    torch.save({"head_state_dict": Evil()}, tmp_path / "best_head.pt")
+    torch.save({"format": "arena.head/1", "state_dict": Evil()}, tmp_path / "best_head.pt")
     with pytest.raises(PredictError, match="weights_only=True"):
         load_model(tmp_path, kind="head-only")
 
