@@ -4,20 +4,24 @@ The decoder picks frames by *index* (``np.linspace(0, n - 1, k)`` as the seed di
 ``[k, 3, H, W]`` RGB tensor with the rotation applied, optionally resized to the model input size, and says
 which rows are real and which are repeats.
 
-Decode paths, chosen per file:
+Decode paths:
 
 1. **torchcodec, exact seek mode** (the normal path). Its scan reads packet headers only, so ``n`` is the real
    frame count and frame ``i`` is frame ``i`` even on variable-frame-rate files and MP4 edit lists, where
-   approximate mode is wrong or fails (measured in ``tools/bench_decode.py``).
-2. **FFmpeg CLI, sequential** (fallback) when torchcodec cannot open the file (e.g. an MPEG-TS segment that
-   starts without a keyframe) or raises while decoding (corrupted H.264: ``Could not push packet to decoder``,
-   truncated files). FFmpeg skips what it cannot decode; frame ``i`` is the ``i``-th frame it outputs.
+   approximate mode is wrong or fails; approximate mode was not faster (``tools/bench_decode.py``).
+   Frame 0 is always decoded with the batch and its pts must equal the stream's first pts; this is how a stream
+   that starts without a keyframe (MPEG-TS segments) is caught: exact mode returns wrong frames there silently.
+2. **FFmpeg CLI, sequential, n = frames FFmpeg decodes** when torchcodec cannot open the file, its scan finds no
+   frames, or frame 0 fails that check. These are properties of the file, so every index set takes this path.
+3. **FFmpeg CLI, sequential, mapped to the scan by pts** when torchcodec raises while decoding (corrupted H.264:
+   ``Could not push packet to decoder``; truncated files). ``n`` stays the scan count; decoded frames are matched
+   to scan indices by pts, so a frame gets the same index (and, measured, the same pixels) on either path.
 
-``n = source_frame_count(path)`` is the scan count whenever torchcodec can open the file, otherwise the number
-of frames FFmpeg decodes; it depends on the file alone. An index that the fallback cannot reach (``i >= decoded``)
-is filled with the last decoded frame and marked ``valid=False``; repeated indices (``k > n``) are marked invalid
-after their first occurrence. Both rules depend only on the file and the index, never on which other indices
-were asked for, so rows of a decoded union equal a direct decode of any subset.
+Fill rule (paths 2, 3): an index with no decoded frame repeats the nearest decoded frame before it (after it if
+there is none) and is marked ``valid=False``; repeated indices (``k > n``) are invalid after their first row.
+``n = source_frame_count(path)`` and the fill depend on the file and the index only, never on which other
+indices were asked for, so rows of a decoded union equal a direct decode of any subset (tested). Undecodable
+files raise `VideoDecodeError` naming the file and the reason; FFmpeg subprocesses run under a timeout.
 """
 
 from __future__ import annotations
