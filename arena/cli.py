@@ -526,17 +526,26 @@ def train_full_cmd(data, models, backbone, pretrained, weights, image_size, seed
 def submit_cmd(data: str, models: str, out: str, kind: str, frames: int | None, tta: bool, device: str,
                workers: int, batch_size: int, amp: bool, verify: str | None, verify_sample: int, verify_all: bool,
                seed: int) -> None:
-    """Predict every test video (decode -> 5 TTA views -> backbone -> head), validate and write the CSV."""
+    """Predict every test video (decode -> 5 TTA views -> backbone -> head), validate and write the CSV.
+
+    Exit status: 0 complete; 3 complete and valid, but some rows are 0.5 because their video could not be
+    predicted (listed in predictions_detail.csv); 1 nothing written (the previous CSV is untouched).
+    """
     from arena.data import DataError
     from arena.predict import PredictError
     from arena.submit import SubmissionError, make_submission
 
     try:
-        make_submission(data=data, models=models, out=out, kind=kind, frames=frames, tta=tta, device=device,
-                        workers=workers, batch_size=batch_size, amp=amp, verify=verify,
-                        verify_sample=None if verify_all else verify_sample, seed=seed, echo=click.echo)
+        result = make_submission(data=data, models=models, out=out, kind=kind, frames=frames, tta=tta, device=device,
+                                 workers=workers, batch_size=batch_size, amp=amp, verify=verify,
+                                 verify_sample=None if verify_all else verify_sample, seed=seed, echo=click.echo)
     except (SubmissionError, PredictError, DataError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    failed = [p for p in result.predictions if p.status == "failed"]
+    if failed:
+        click.echo(f"{len(failed)} row(s) are 0.5 because the video could not be predicted (see "
+                   f"{result.report.detail_path}).")
+        raise SystemExit(3)  # the CSV is complete and valid, but some rows carry no prediction
 
 
 @main.command("evaluate")
@@ -565,7 +574,10 @@ def submit_cmd(data: str, models: str, out: str, kind: str, frames: int | None, 
 def evaluate_cmd(data: str, models: str, split: str, labels: str | None, out: str | None, attention: tuple[str, ...],
                  attention_first: int, kind: str, frames: int | None, device: str, workers: int, batch_size: int,
                  amp: bool, seed: int) -> None:
-    """AUC, log loss, accuracy, F1 and confusion with and without TTA; attention report for chosen videos."""
+    """AUC, log loss, accuracy, F1 and confusion with and without TTA; attention report for chosen videos.
+
+    Exit status: 0 complete; 3 written, but some videos could not be predicted (counted as 0.5).
+    """
     from arena.data import DataError
     from arena.predict import PredictError, evaluate, metrics_lines
 
@@ -577,3 +589,6 @@ def evaluate_cmd(data: str, models: str, split: str, labels: str | None, out: st
         raise click.ClickException(str(exc)) from exc
     for line in metrics_lines(result):
         click.echo(line)
+    if result["failed"]:
+        click.echo(f"{len(result['failed'])} video(s) could not be predicted and count as 0.5 in the metrics.")
+        raise SystemExit(3)
