@@ -392,7 +392,7 @@ class Detector(nn.Module):
         flat = frames.flatten(0, 1)
         chunk = self.frame_chunk or flat.shape[0]
         feats = torch.cat([self.encoder(flat[i:i + chunk]) for i in range(0, flat.shape[0], chunk)])
-        return feats.view(b, t, -1)
+        return feats.reshape(b, t, -1)
 
     def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``frames`` uint8 ``[B, T, 3, H, W]``, ``mask [B, T]`` → ``(logits [B, 2], attention [B, T])``."""
