@@ -306,6 +306,7 @@ def extract_features(
                     label=clip.label,
                     status=clip.status,
                     message=clip.message,
+                    valid=clip.valid,
                 )
                 summary.done += 1
                 summary.partial += clip.status == "partial"

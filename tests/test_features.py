@@ -1,0 +1,131 @@
+"""The features stage: cache contents equal the full-video path, resume, failures, refusal of a mismatch."""
+
+from __future__ import annotations
+
+import filecmp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from arena.cache import CacheError, FeatureCache
+from arena.demo import write_video
+from arena.features import ClipDataset, encode_views, extract_features
+from arena.model import create_encoder
+from arena.tta import VARIANTS, tta_views
+from arena.video import decode_uniform
+
+BACKBONE = dict(backbone="test_resnet", pretrained=False, image_size=32, seed=3)
+COUNTS = (4, 6, 8)
+
+
+def _clip(rng: np.random.Generator, n: int, size: int = 48) -> np.ndarray:
+    base = rng.integers(0, 255, (1, size // 8, size // 8, 3), dtype=np.uint8)
+    frames = np.repeat(np.repeat(base, 8, axis=1), 8, axis=2).repeat(n, axis=0).astype(np.int16)
+    frames += rng.integers(-20, 20, frames.shape, dtype=np.int16)  # grain, different in every frame
+    return np.clip(frames, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    rows = ["filename,label"]
+    for label, folder in ((0, "real"), (1, "fake")):
+        for i in range(3):
+            name = f"train/{folder}/{folder}_{i}.mp4"
+            write_video(root / name, _clip(rng, 20 + 5 * i), fps=10, gop=6)
+            rows.append(f"{name},{label}")
+    (root / "train_labels.csv").write_text("\n".join(rows) + "\n")
+    tests = ["filename"]
+    for i in range(2):
+        name = f"test/t_{i}.mp4"
+        write_video(root / name, _clip(rng, 3 if i == 0 else 30), fps=10, gop=6)  # 3 frames: fewer than k
+        tests.append(name)
+    (root / "test_public.csv").write_text("\n".join(tests) + "\n")
+    return root
+
+
+def _run(data: Path, out: Path, **kw):
+    return extract_features(
+        data=data, cache=out / "features.h5", models=out / "models", frame_counts=COUNTS, workers=0, device="cpu",
+        **BACKBONE, **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def built(tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("built")
+    summary = _run(tiny_data, out)
+    assert summary.done == 8 and not summary.failed
+    return out
+
+
+def test_cache_equals_full_video_path(tiny_data, built):
+    """For every k the cached rows are the features of a direct k-frame decode of the same video."""
+    encoder = create_encoder(BACKBONE["backbone"], pretrained=False, image_size=32, seed=3).eval()
+    cache = FeatureCache.open(built / "features.h5")
+    assert len(cache.keys) == 8
+    for key in ("train/real/real_2.mp4", "test/t_0.mp4", "test/t_1.mp4"):
+        for k in COUNTS:
+            clip = decode_uniform(tiny_data / key, k, size=encoder.input_size)
+            direct = encode_views(encoder, tta_views(clip.frames), device=torch.device("cpu"))
+            for v, variant in enumerate(VARIANTS):
+                cached, mask = cache.features(key, k, variant)
+                np.testing.assert_allclose(cached.astype(np.float32), direct[v].numpy(), rtol=2e-2, atol=2e-2)
+                np.testing.assert_array_equal(mask, clip.valid)
+
+
+def test_short_video_is_masked(built):
+    cache = FeatureCache.open(built / "features.h5")
+    _, mask = cache.features("test/t_0.mp4", 8, "original")
+    assert mask.sum() == 3  # three distinct frames, the rest are repeats
+
+
+def test_resume_gives_identical_cache(tiny_data, built, tmp_path):
+    first = _run(tiny_data, tmp_path, limit=3)
+    assert first.done == 3
+    second = _run(tiny_data, tmp_path)
+    assert second.skipped == 3 and second.done == 5
+    assert filecmp.cmp(tmp_path / "features.h5", built / "features.h5", shallow=False)
+
+
+def test_failed_video_is_recorded_and_run_continues(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(tiny_data, data)
+    (data / "test" / "broken.mp4").write_text("this is not a video\n" * 10)
+    with open(data / "test_public.csv", "a") as f:
+        f.write("test/broken.mp4\n")
+    summary = _run(data, tmp_path / "out")
+    assert list(summary.failed) == ["test/broken.mp4"]
+    assert summary.done == 8
+    cache = FeatureCache.open(tmp_path / "out" / "features.h5")
+    assert "test/broken.mp4" in cache.failures()
+
+
+def test_mismatched_cache_is_refused(tiny_data, built, tmp_path):
+    import shutil
+
+    shutil.copytree(built, tmp_path / "b")
+    with pytest.raises(CacheError, match="weights"):
+        extract_features(data=tiny_data, cache=tmp_path / "b" / "features.h5", models=tmp_path / "b" / "models",
+                         frame_counts=COUNTS, workers=0, device="cpu", backbone="test_resnet", pretrained=False,
+                         image_size=32, seed=4)
+
+
+def test_dataset_needs_exactly_one_frame_spec(tiny_data):
+    with pytest.raises(ValueError, match="exactly one"):
+        ClipDataset([], size=(32, 32), variants=VARIANTS)
+    with pytest.raises(ValueError, match=">= 1"):
+        ClipDataset([], size=(32, 32), variants=VARIANTS, frames=0)
+
+
+def test_cli_refuses_impossible_frames(tiny_data, tmp_path):
+    from arena.cli import main
+
+    res = CliRunner().invoke(main, ["features", "--data", str(tiny_data), "--frames", "0,8", "--no-pretrained"])
+    assert res.exit_code == 2 and "1..512" in res.output
