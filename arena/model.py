@@ -34,11 +34,11 @@ class WeightsUnavailable(RuntimeError):
 
 
 def _weights_help(name: str, hub_id: str | None = None) -> str:
-    fetch = f"`hf download {hub_id}` on a machine with network, or set ARENA_ALLOW_DOWNLOAD=1" if hub_id else \
-        "set ARENA_ALLOW_DOWNLOAD=1 on a machine with network"
+    fetch = f"`hf download {hub_id}` on a machine with network, then copy the cache" if hub_id else \
+        "download them on a machine with network"
     return (
-        f"Options: --pretrained (needs the weights in the local Hugging Face cache: {fetch}), "
-        "--weights PATH (a local .pth/.safetensors state_dict of this architecture), "
+        f"Options: --pretrained (the local Hugging Face cache, or a download when the hub is reachable; offline: "
+        f"{fetch}), --weights PATH (a local .pth/.safetensors state_dict of this architecture), "
         "--no-pretrained (random weights, reproducible from the seed)."
     )
 
@@ -53,6 +53,24 @@ def _min_input_size(name: str, pretrained_cfg: Any) -> int:
         return _KNOWN_MIN_INPUT[arch]
     cfg_min = getattr(pretrained_cfg, "min_input_size", None) if pretrained_cfg is not None else None
     return int(cfg_min[-1]) if cfg_min else _DEFAULT_MIN_INPUT
+
+
+def _hub_reachable(timeout_s: float = 2.0) -> bool:
+    """True when the Hugging Face hub answers a TCP connect within ``timeout_s`` (and offline mode is off).
+
+    Without this probe an offline machine waits ~46 s in the hub client's retries before failing.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def _cached_hub_file(name: str, pretrained_cfg: Any) -> str | None:
@@ -212,8 +230,8 @@ def create_encoder(name: str = DEFAULT_BACKBONE, *, pretrained: bool = True, wei
 
     Args:
         name: timm model name, e.g. ``inception_resnet_v2.tf_in1k`` or ``test_resnet``.
-        pretrained: load the hub weights; they must already be in the local Hugging Face cache (never downloads,
-            so an offline machine fails at once instead of retrying for a minute).
+        pretrained: load the hub weights: from the local Hugging Face cache when there, else downloaded when the hub
+            answers a 2-second connect probe; an offline machine fails at once instead of retrying for a minute.
         weights: a local ``.pth``/``.safetensors`` state_dict; takes precedence over ``pretrained``.
         image_size: square input size overriding the model's default (e.g. 96 for fast tests).
         seed: seeds the random initialisation when no weights are loaded (reproducible backbone).
@@ -261,12 +279,12 @@ def create_encoder(name: str = DEFAULT_BACKBONE, *, pretrained: bool = True, wei
             # Load the cached file directly: timm never contacts the hub, so no retries on an offline machine.
             create = functools.partial(timm.create_model, name, pretrained=True,
                                        pretrained_cfg_overlay={"file": cached}, **kwargs)
-        elif os.environ.get("ARENA_ALLOW_DOWNLOAD") == "1":
+        elif os.environ.get("ARENA_ALLOW_DOWNLOAD") == "1" or _hub_reachable():
             create = functools.partial(timm.create_model, name, pretrained=True, **kwargs)
         else:
             hub_id = getattr(pretrained_cfg, "hf_hub_id", None) if pretrained_cfg is not None else None
-            raise WeightsUnavailable(f"Pretrained weights for {name!r} are not in the local cache (downloads are "
-                                     f"off by default). {_weights_help(name, hub_id)}")
+            raise WeightsUnavailable(f"Pretrained weights for {name!r} are not in the local cache and the hub cannot "
+                                     f"be reached. {_weights_help(name, hub_id)}")
     else:
         source = f"random:{name}:seed={int(seed)}"
         create = functools.partial(timm.create_model, name, pretrained=False, **kwargs)

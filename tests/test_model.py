@@ -13,6 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
+import arena.model
 from arena.model import (
     AttentionPool,
     Detector,
@@ -45,6 +46,7 @@ def offline_caches(tmp_path, monkeypatch):
     """Empty Hugging Face and torch hub caches; downloads not allowed."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.delenv("ARENA_ALLOW_DOWNLOAD", raising=False)
+    monkeypatch.setattr(arena.model, "_hub_reachable", lambda *a, **k: False)
     old = torch.hub.get_dir()
     torch.hub.set_dir(str(tmp_path / "torchhub"))
     yield tmp_path / "hf"
@@ -292,3 +294,8 @@ def test_gradient_checkpointing_gives_the_same_outputs_and_gradients(irv2):
     torch.testing.assert_close(plain_logits, ckpt_logits)
     torch.testing.assert_close(plain_grad, ckpt_grad)
     assert "forward" not in enc.model.repeat.__dict__  # switched off again
+
+
+def test_offline_mode_skips_the_hub_probe(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert arena.model._hub_reachable() is False
