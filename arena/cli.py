@@ -78,20 +78,22 @@ def _parse_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--preset", type=click.Choice(["demo", "competition"]), default="demo", show_default=True,
               help="Defaults for the options below: demo = 40+40 train, 40 test, 2 s, 128x128, 15 fps; "
-                   "competition = 300+300 train, 200 test, 10 s, 640x360, 30 fps (~700 MB).")
+                   "competition = 300+300 train, 200 test, 10 s, 640x360, 30 fps, crf 26 (~700 MB).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Master seed; the same seed gives the same bytes.")
 @click.option("--n-train", type=int, default=None, help="Training videos per class (real and fake each).")
 @click.option("--n-test", type=int, default=None, help="Test videos (half real, half fake, shuffled).")
 @click.option("--seconds", type=float, default=None, help="Length of every video.")
 @click.option("--size", callback=_parse_size, default=None, help="WIDTHxHEIGHT (even numbers), e.g. 128x128.")
 @click.option("--fps", type=float, default=None, help="Frame rate of every video.")
-@click.option("--difficulty", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+@click.option("--difficulty", type=click.FloatRange(0.0, 1.0), default=0.3, show_default=True,
               help="Blend strength of the fakes: 0 obvious .. 1 subtle.")
 @click.option("--crf", type=int, default=None, help="x264 quality (same for reals and fakes).")
+@click.option("--unpaired", is_flag=True, help="Give every fake a scene of its own (default: fake i is made from "
+                                               "the scene of real i, as SBI makes fakes from reals).")
 @click.option("--workers", type=int, default=None, help="Processes (default: all CPU cores).")
 @click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
 def demo_data(out: str, preset: str, seed: int, n_train: int | None, n_test: int | None, seconds: float | None,
-              size: tuple[int, int] | None, fps: float | None, difficulty: float, crf: int | None,
+              size: tuple[int, int] | None, fps: float | None, difficulty: float, crf: int | None, unpaired: bool,
               workers: int | None, force: bool) -> None:
     """Write a synthetic deepfake dataset (competition layout, SBI-style fakes) into OUT."""
     from arena.demo import generate_dataset
@@ -99,7 +101,7 @@ def demo_data(out: str, preset: str, seed: int, n_train: int | None, n_test: int
     try:
         summary = generate_dataset(out, n_train_real=n_train, n_train_fake=n_train, n_test=n_test, seconds=seconds,
                                    size=size, fps=fps, seed=seed, difficulty=difficulty, preset=preset, crf=crf,
-                                   workers=workers, overwrite=force)
+                                   paired=not unpaired, workers=workers, overwrite=force)
     except (ValueError, FileExistsError) as exc:
         raise click.ClickException(str(exc)) from exc
     cfg = summary["config"]

@@ -117,6 +117,18 @@ def test_no_global_shortcut_in_colour_or_file_size(tmp_path):
     assert 0.8 < np.mean(ratio) < 1.1, ratio
 
 
+def test_fakes_are_made_from_the_scenes_of_reals_when_paired():
+    jobs = {j.relpath: j for j in plan_dataset(DemoConfig(n_train_real=2, n_train_fake=3, n_test=5, seed=4))}
+    assert jobs["train/fake/fake_0001.mp4"].params == jobs["train/real/real_0001.mp4"].params
+    assert jobs["train/fake/fake_0003.mp4"].params != jobs["train/real/real_0002.mp4"].params  # no real to pair
+    test = sorted((j for j in jobs.values() if j.relpath.startswith("test/")), key=lambda j: j.relpath)
+    reals = [j.params for j in test if j.label == 0]
+    fakes = [j.params for j in test if j.label == 1]
+    assert fakes == reals[: len(fakes)]
+    unpaired = plan_dataset(DemoConfig(n_train_real=2, n_train_fake=2, n_test=4, seed=4, paired=False))
+    assert len({j.params for j in unpaired}) == 8
+
+
 def test_presets_and_validation():
     comp = DemoConfig.from_preset("competition")
     assert (comp.n_train_real, comp.n_train_fake, comp.n_test) == (300, 300, 200)
