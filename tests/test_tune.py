@@ -250,13 +250,15 @@ def test_study_with_another_search_space_is_refused(store, tmp_path):
         run_study(store, storage=create_storage(url), n_trials=2, frame_choices=(6, 8), config=FAST, progress=False)
 
 
+# The child records itself as arena.tune's Objective does (without importing torch: seconds saved per test).
 KILLED_WORKER = """
-import os, signal, sys
+import os, signal, socket, sys
 import optuna
-from arena.tune import _worker_identity, create_storage
-study = optuna.load_study(study_name="k", storage=create_storage(sys.argv[1]))
+stat = open(f"/proc/{os.getpid()}/stat").read() if os.path.isdir("/proc") else None
+start = int(stat.rsplit(")", 1)[1].split()[19]) if stat else None
+study = optuna.load_study(study_name="k", storage=sys.argv[1])
 trial = study.ask({"attn_dim": optuna.distributions.CategoricalDistribution([64, 128, 256, 512])})
-trial.set_user_attr("worker", _worker_identity())
+trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "start": start})
 os.kill(os.getpid(), signal.SIGKILL)  # dies inside the trial, as kill -9 would
 """
 
@@ -265,6 +267,7 @@ def test_trial_of_a_killed_worker_is_failed_and_retried(store, tmp_path):
     url = f"sqlite:///{tmp_path / 'k.db'}"
     kw = {"study_name": "k", "config": FAST, "progress": False}
     run_study(store, storage=create_storage(url), n_trials=1, **kw)
+    assert _worker_alive_record_matches_child_format()
     proc = subprocess.run([sys.executable, "-c", KILLED_WORKER, url], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
     study = optuna.load_study(study_name="k", storage=create_storage(url))
@@ -286,7 +289,7 @@ def test_two_workers_share_one_journal(setup, tmp_path):
     (models / "split.json").write_bytes((setup["models"] / "split.json").read_bytes())
     journal = tmp_path / "optuna.journal"
     cmd = [sys.executable, "-m", "arena", "tune-head", "--cache", str(setup["cache"]), "--data", str(setup["data"]),
-           "--models", str(models), "--storage", f"journal:{journal}", "--n-trials", "6", "--epochs", "6",
+           "--models", str(models), "--storage", f"journal:{journal}", "--n-trials", "4", "--epochs", "3",
            "--batch-size", "16", "--threads", "1", "--device", "cpu"]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -297,7 +300,7 @@ def test_two_workers_share_one_journal(setup, tmp_path):
     study = optuna.load_study(study_name="head", storage=create_storage(f"journal:{journal}"))
     pids = {t.user_attrs["worker"]["pid"] for t in study.trials}
     assert pids == {p.pid for p in procs}  # both workers added trials
-    assert _finished(study) >= 6 and not any(t.state.name in ("RUNNING", "FAIL") for t in study.trials)
+    assert _finished(study) >= 4 and not any(t.state.name in ("RUNNING", "FAIL") for t in study.trials)
     assert (models / "best_head.pt").is_file()
 
 
@@ -323,6 +326,12 @@ def test_cli_refuses_impossible_options(setup):
     assert r.exit_code == 2 and "--n-trials" in r.output
     r = CliRunner().invoke(main, ["tune-head", "--data", str(setup["data"]), "--frames", "0,8"])
     assert r.exit_code == 2 and "1..512" in r.output
+
+
+def _worker_alive_record_matches_child_format() -> bool:
+    from arena.tune import _worker_identity
+
+    return set(_worker_identity()) == {"host", "pid", "start"}
 
 
 def test_process_liveness_check():
