@@ -154,32 +154,40 @@ def resolve_frames(models: str | Path) -> tuple[int, str]:
 
 @dataclass
 class TunedHead:
-    """The starting head from ``tune-head``: constructor arguments, weights and optimiser settings."""
+    """The starting head from ``tune-head``: constructor arguments, weights, optimiser settings and provenance."""
 
     config: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
     lr: float | None
     weight_decay: float | None
+    provenance: dict[str, Any]
     source: str
 
 
 def load_tuned_head(models: str | Path) -> TunedHead | None:
     """Read ``best_head.pt`` (written by ``arena tune-head``) from the models folder; None when absent."""
-    path = Path(models) / "best_head.pt"
+    from arena.tune import BEST_HEAD_FILE, load_head
+
+    path = Path(models) / BEST_HEAD_FILE
     if not path.is_file():
         return None
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
-        config = dict(doc["head_config"])
-        state = dict(doc["state_dict"])
-        params = dict(doc.get("params", {}))
-    except Exception as exc:  # noqa: BLE001 - name the file whatever went wrong inside torch.load
-        raise ValueError(f"{path}: not a usable tuned head ({type(exc).__name__}: {str(exc)[:200]}); rerun "
-                         "`arena tune-head`, or pass --head-init default.") from exc
-    lr = params.get("lr")
-    wd = params.get("weight_decay", params.get("wd"))
-    return TunedHead(config=config, state_dict=state, lr=None if lr is None else float(lr),
-                     weight_decay=None if wd is None else float(wd), source=f"file:{path}")
+    head, ckpt = load_head(path)  # weights_only; raises ValueError naming the file
+    params = dict(ckpt.get("params", {}))
+    lr, wd = params.get("lr"), params.get("weight_decay")
+    return TunedHead(config=head.config(), state_dict=head.state_dict(), lr=None if lr is None else float(lr),
+                     weight_decay=None if wd is None else float(wd), provenance=dict(ckpt.get("provenance", {})),
+                     source=f"file:{path}")
+
+
+def tuned_head_mismatch(tuned: TunedHead, encoder: Any) -> list[str]:
+    """Why the tuned head does not fit this backbone (its features came from another one), or []."""
+    prov = tuned.provenance
+    wanted = {"backbone": encoder.name, "weights_source": encoder.weights_source,
+              "input_size": list(encoder.input_size), "feature_dim": encoder.feature_dim}
+    have = {"backbone": prov.get("backbone"), "weights_source": prov.get("weights_source"),
+            "input_size": list(prov["input_size"]) if prov.get("input_size") is not None else None,
+            "feature_dim": tuned.config.get("dim", prov.get("feature_dim"))}
+    return [f"{k}: tuned on {have[k]!r}, training {wanted[k]!r}" for k in wanted if have[k] != wanted[k]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,25 +323,34 @@ def gather(obj: Any, dist: Dist) -> list[Any]:
 
 
 def build_model(cfg: TrainConfig, tuned: TunedHead | None) -> torch.nn.Module:
-    """Backbone (timm) + attention head; the tuned head's sizes and weights when given, else the seed's sizes."""
+    """Backbone (timm) + attention head: the tuned head (sizes, weights, feature statistics) when it was tuned on
+    this very backbone, else a fresh head with the seed's sizes. ``model.head_init_source`` says which."""
     from arena.model import Detector, DetectorHead, create_encoder
 
     encoder = create_encoder(cfg.backbone, pretrained=cfg.pretrained and cfg.weights is None, weights=cfg.weights,
                              image_size=cfg.image_size, seed=cfg.seed)
     torch.manual_seed(cfg.seed)  # the head's init, whatever the backbone consumed
+    source = "default"
     if tuned is not None:
-        head_cfg = {k: v for k, v in tuned.config.items() if k != "dim"}
-        dim = int(tuned.config.get("dim", encoder.feature_dim))
-        if dim != encoder.feature_dim:
-            raise ValueError(f"{tuned.source}: the tuned head expects {dim}-d features but {cfg.backbone} gives "
-                             f"{encoder.feature_dim}; rerun tune-head for this backbone or pass --head-init default.")
-        head = DetectorHead(dim, **head_cfg)
+        mismatch = tuned_head_mismatch(tuned, encoder)
+        if mismatch and cfg.head_init == "tuned":
+            raise ValueError(f"{tuned.source} was tuned on other features: {'; '.join(mismatch)}. Rerun features "
+                             "and tune-head with this backbone, or pass --head-init default.")
+        if mismatch:
+            log.warning("not starting from %s (its features came from another backbone: %s); fresh head instead",
+                        tuned.source, "; ".join(mismatch))
+            tuned = None
+    if tuned is not None:
+        head = DetectorHead(**tuned.config)
         head.load_state_dict(tuned.state_dict)
+        source = tuned.source
     else:
         head = DetectorHead(encoder.feature_dim)
     if cfg.grad_checkpointing:
         encoder.set_grad_checkpointing(True)
-    return Detector(encoder, head)
+    model = Detector(encoder, head)
+    model.head_init_source = source
+    return model
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -677,6 +694,9 @@ def train(cfg: TrainConfig, *, guard: GpuGuard | None = None,
     if dist.main:
         models.mkdir(parents=True, exist_ok=True)
         handler = _setup_file_log(models / "train.log")
+        for name in (cfg.best_path.name, cfg.last_path.name, "training_summary.json", "training_curves.png"):
+            for stale in models.glob(f".{name}.*.tmp"):  # left by a run killed in the middle of a write
+                stale.unlink(missing_ok=True)
     try:
         return _train(cfg, device=device, dist=dist, guard=guard, on_epoch_end=on_epoch_end,
                       load_dataset=load_dataset, make_split=make_split, load_split=load_split)
@@ -711,6 +731,8 @@ def _train(cfg, *, device, dist, guard, on_epoch_end, load_dataset, make_split, 
     if device.type == "cuda":
         model.encoder.to_channels_last()
     amp = resolve_amp(cfg.amp, device)
+    if model.head_init_source == "default":
+        tuned = None  # not used (tuned on other features): its optimiser settings do not apply either
     head_lr = cfg.head_lr or (tuned.lr if tuned and tuned.lr else cfg.lr)
     head_wd = cfg.head_weight_decay if cfg.head_weight_decay is not None else (
         tuned.weight_decay if tuned and tuned.weight_decay is not None else cfg.weight_decay)
@@ -726,7 +748,7 @@ def _train(cfg, *, device, dist, guard, on_epoch_end, load_dataset, make_split, 
         **dataclasses.asdict(cfg),
         "frames": frames, "frames_source": frames_source, "input_size": list(model.encoder.input_size),
         "image_size": int(model.encoder.input_size[0]), "amp_dtype": str(amp).replace("torch.", "") if amp else "off",
-        "head": model.head.config(), "head_init_source": tuned.source if tuned else "default",
+        "head": model.head.config(), "head_init_source": model.head_init_source,
         "head_lr": head_lr, "head_weight_decay": head_wd, "weights_source": model.encoder.weights_source,
         "split_sha256": split.sha256, "train_videos": len(train_items), "val_videos": len(val_items),
         "world_size": dist.world, "optimizer": "AdamW", "scheduler": "ReduceLROnPlateau(val loss, factor 0.1)",
