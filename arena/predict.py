@@ -431,10 +431,11 @@ class _Predictor:
         for name, get_clip, step_variants in steps:
             try:
                 if get_clip is not None:
-                    current = get_clip()
-                    if current.views is None:
-                        errors.append(f"{name}: decode failed ({current.message})")
+                    fresh = get_clip()
+                    if fresh.views is None:
+                        errors.append(f"{name}: decode failed ({fresh.message})")
                         continue
+                    current = fresh
                 views = current.views[: len(step_variants)]
                 p, attn, feats = self._compute(views, current.valid)
             except Exception as exc:  # noqa: BLE001 - one bad video must not end the run; recorded below
@@ -463,7 +464,7 @@ class _Predictor:
                 attention=attn[0],
                 fallback=name,
                 status=current.status,
-                error="; ".join(errors) or current.message,
+                error="; ".join([*errors, *([current.message] if current.message else [])]),
                 features=feats if self.keep_features else None,
             )
         return failed_prediction(clip.key, label=clip.label, frames=k, fallback="0.5 (out of memory)",
