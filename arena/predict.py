@@ -631,13 +631,18 @@ def attention_strip(frames: torch.Tensor, weights: np.ndarray, valid: np.ndarray
     fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.75 * rows + 0.4), squeeze=False)
     top = float(np.max(weights)) if len(weights) else 0.0
     for i, ax in enumerate(axes.flat):
-        ax.axis("off")
         if i >= t:
+            ax.axis("off")
             continue
         ax.imshow(frames[i].permute(1, 2, 0).numpy())
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
         w = float(weights[i])
-        label = f"#{int(indices[i])}\n{w:.3f}" + ("" if valid[i] else " (rep)")
-        ax.set_title(label, fontsize=7, y=-0.38, color="crimson" if w == top else "black")
+        # xlabel (not a title below the image) so tight_layout makes room for it
+        ax.set_xlabel(f"frame {int(indices[i])}\nw = {w:.3f}" + ("" if valid[i] else " (repeat)"), fontsize=7,
+                      color="crimson" if w == top else "black")
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     out = Path(out)
