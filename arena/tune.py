@@ -638,13 +638,21 @@ def run_study(store: HeadDataStore, *, storage: Any, study_name: str = "head", n
     Returns:
         the ``optuna.Study``.
     """
-    import optuna
-    from optuna.trial import TrialState
-
     if n_trials < 1:
         raise ValueError(f"n_trials must be >= 1 (a total target of finished trials); got {n_trials}.")
     if timeout is not None and timeout <= 0:
         raise ValueError(f"timeout must be > 0 seconds; got {timeout}.")
+    with _quiet_optuna():
+        return _run_study(store, storage=storage, study_name=study_name, n_trials=n_trials, timeout=timeout,
+                          seed=seed, frame_choices=frame_choices, config=config, context=context,
+                          n_startup_trials=n_startup_trials, progress=progress)
+
+
+def _run_study(store: HeadDataStore, *, storage: Any, study_name: str, n_trials: int, timeout: float | None,
+               seed: int, frame_choices: Sequence[int] | None, config: TrainConfig, context: dict[str, Any] | None,
+               n_startup_trials: int, progress: bool) -> Any:
+    import optuna
+
     objective = Objective(store, config=config, frame_choices=frame_choices)
     ctx = {"frame_choices": list(objective.frame_choices), "train_config": dataclasses.asdict(config),
            "seed": seed, **(context or {})}
@@ -660,21 +668,30 @@ def run_study(store: HeadDataStore, *, storage: Any, study_name: str = "head", n
     done = _finished(study)
     bar = tqdm(total=n_trials, initial=min(done, n_trials), desc=f"tune {study_name}", unit="trial",
                disable=not progress)
-    with _quiet_optuna():
-        while done < n_trials and (deadline is None or time.monotonic() < deadline):
-            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-            study.sampler = _trial_sampler(seed, done, running, n_startup_trials)
-            study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
-            recover_stale_trials(study)
-            new_done = _finished(study)
-            bar.update(max(0, min(new_done, n_trials) - min(done, n_trials)))
-            done = new_done
-            try:
-                bar.set_postfix(best=f"{study.best_value:.4f}")
-            except ValueError:
-                pass
-    bar.close()
+    try:
+        _loop(study, objective, bar, done=done, n_trials=n_trials, deadline=deadline, seed=seed,
+              n_startup_trials=n_startup_trials)
+    finally:
+        bar.close()
     return study
+
+
+def _loop(study: Any, objective: Objective, bar: Any, *, done: int, n_trials: int, deadline: float | None,
+          seed: int, n_startup_trials: int) -> None:
+    from optuna.trial import TrialState
+
+    while done < n_trials and (deadline is None or time.monotonic() < deadline):
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        study.sampler = _trial_sampler(seed, done, running, n_startup_trials)
+        study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
+        recover_stale_trials(study)
+        new_done = _finished(study)
+        bar.update(max(0, min(new_done, n_trials) - min(done, n_trials)))
+        done = new_done
+        try:
+            bar.set_postfix(best=f"{study.best_value:.4f}")
+        except ValueError:  # no complete trial yet
+            pass
 
 
 class _quiet_optuna:

@@ -340,3 +340,48 @@ def test_process_liveness_check():
     me = _worker_identity()
     assert _worker_alive(me)
     assert not _worker_alive({**me, "start": (me["start"] or 0) + 1}) or me["start"] is None  # a reused pid
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_seed", [0])
+def test_kill9_during_tune_head_then_rerun_equals_uninterrupted(setup, tmp_path, kill_seed):
+    """kill -9 at a seeded random moment, rerun the same command: same trials and best head as a straight run."""
+    import random
+    import time
+
+    def args(models: Path) -> list[str]:
+        return ["tune-head", "--cache", str(setup["cache"]), "--data", str(setup["data"]), "--models", str(models),
+                "--n-trials", "4", "--epochs", "4", "--batch-size", "16", "--threads", "1", "--device", "cpu"]
+
+    def prepare(name: str) -> Path:
+        models = tmp_path / name
+        models.mkdir()
+        (models / "split.json").write_bytes((setup["models"] / "split.json").read_bytes())
+        return models
+
+    from click.testing import CliRunner
+
+    from arena.cli import main
+
+    straight, killed = prepare("straight"), prepare("killed")
+    assert CliRunner().invoke(main, args(straight)).exit_code == 0
+    proc = subprocess.Popen([sys.executable, "-m", "arena", *args(killed)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "optuna.db").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the study exists: trials are about to run
+    time.sleep(random.Random(kill_seed).uniform(0.2, 1.5))
+    proc.kill()
+    assert proc.wait() == -9, "the run finished before the kill; the test needs a shorter delay"
+    result = CliRunner().invoke(main, args(killed))
+    assert result.exit_code == 0, result.output
+    a = json.loads((straight / "study_summary.json").read_text())
+    b = json.loads((killed / "study_summary.json").read_text())
+    assert "RUNNING" not in b["states"]
+    finished = lambda s: [t for t in s["trials"] if t["state"] in ("COMPLETE", "PRUNED")]  # noqa: E731
+    assert [t["params"] for t in finished(b)] == [t["params"] for t in finished(a)]
+    assert b["best_value"] == pytest.approx(a["best_value"], rel=1e-6)
+    sa = torch.load(straight / "best_head.pt", weights_only=True)["state_dict"]
+    sb = torch.load(killed / "best_head.pt", weights_only=True)["state_dict"]
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key])
