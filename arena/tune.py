@@ -598,6 +598,18 @@ def recover_stale_trials(study: Any, *, orphan_grace_s: float = 300.0) -> list[i
     return failed
 
 
+def _requeue_interrupted(study: Any) -> None:
+    """After Ctrl-C, enqueue the parameters of this process's trial that Optuna just marked FAIL, so a rerun
+    runs them first -- as it would after kill -9 -- and the study continues as if never interrupted."""
+    me = _worker_identity()
+    mine = [t for t in study.get_trials(deepcopy=False)
+            if t.state.name == "FAIL" and t.user_attrs.get("worker", {}).get("pid") == me["pid"]
+            and t.user_attrs.get("worker", {}).get("host") == me["host"]]
+    if mine and mine[-1].params:
+        t = mine[-1]
+        study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.user_attrs.get("retry_of", t.number)})
+
+
 def _finished(study: Any) -> int:
     from optuna.trial import TrialState
 
@@ -683,7 +695,11 @@ def _loop(study: Any, objective: Objective, bar: Any, *, done: int, n_trials: in
     while done < n_trials and (deadline is None or time.monotonic() < deadline):
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         study.sampler = _trial_sampler(seed, done, running, n_startup_trials)
-        study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
+        try:
+            study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
+        except KeyboardInterrupt:
+            _requeue_interrupted(study)
+            raise
         recover_stale_trials(study)
         new_done = _finished(study)
         bar.update(max(0, min(new_done, n_trials) - min(done, n_trials)))

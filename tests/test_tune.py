@@ -243,6 +243,30 @@ def test_interrupted_study_resumes_to_the_same_trials(store, tmp_path):
     assert [t.value for t in resumed.trials] == pytest.approx([t.value for t in straight.trials])
 
 
+def test_ctrl_c_requeues_the_interrupted_trial(store, tmp_path, monkeypatch):
+    import arena.tune as tune
+
+    kw = {"study_name": "c", "seed": 5, "config": FAST, "progress": False, "n_startup_trials": 2}
+    straight = run_study(store, storage=create_storage(f"journal:{tmp_path / 'a.log'}"), n_trials=3, **kw)
+    real, calls = tune.train_head, []
+
+    def interrupted_second_time(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tune, "train_head", interrupted_second_time)
+    url = f"journal:{tmp_path / 'b.log'}"
+    with pytest.raises(KeyboardInterrupt):
+        run_study(store, storage=create_storage(url), n_trials=3, **kw)
+    monkeypatch.setattr(tune, "train_head", real)
+    resumed = run_study(store, storage=create_storage(url), n_trials=3, **kw)
+    done = [t for t in resumed.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert [t.params for t in done] == [t.params for t in straight.trials]
+    assert [t.state.name for t in resumed.trials].count("FAIL") == 1
+
+
 def test_study_with_another_search_space_is_refused(store, tmp_path):
     url = f"sqlite:///{tmp_path / 'c.db'}"
     run_study(store, storage=create_storage(url), n_trials=1, frame_choices=(6,), config=FAST, progress=False)
