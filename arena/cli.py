@@ -370,6 +370,10 @@ def tune_head_cmd(cache, data, models, n_trials, timeout, storage, study_name, s
                       seed=seed, frames=frames, epochs=epochs, patience=patience, batch_size=batch_size, device=device)
     except (ValueError, RuntimeError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished trials are kept in the study and the interrupted one is queued again; "
+                   "run the same command to continue.", err=True)
+        raise SystemExit(130) from None
     states = ", ".join(f"{n} {k.lower()}" for k, n in sorted(s["states"].items()))
     click.echo(f"study {s['study_name']!r} ({s['storage']}): {s['n_trials']} trials ({states}); "
                f"this run {s['this_run_seconds']:.1f} s")
