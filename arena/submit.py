@@ -308,6 +308,40 @@ def sample_keys(keys: Sequence[str], n: int | None, *, seed: int) -> list[str]:
     return [keys[i] for i in sorted(pick)]
 
 
+def open_verify_cache(model: LoadedModel, cache_path: str | Path):
+    """Open the cache ``--verify`` names and check it can verify this model (frame count, variants, weights).
+
+    Called before predicting, so a wrong cache fails in seconds, not after the whole test set.
+    """
+    from arena.cache import CacheError, FeatureCache
+
+    try:
+        cache = FeatureCache.open(cache_path)
+    except (CacheError, OSError) as exc:
+        raise SubmissionError(f"--verify {cache_path}: {exc}") from exc
+    prov = cache.provenance
+    k = model.frames
+    if k not in tuple(prov.frame_counts):
+        raise SubmissionError(
+            f"Cannot verify against {cache_path}: it holds frame counts {tuple(prov.frame_counts)}, the submission "
+            f"uses {k} frames. Rebuild the cache with --frames including {k}, or submit with --frames "
+            f"{prov.frame_counts[0]}."
+        )
+    missing_variants = [v for v in model.variants if v not in tuple(prov.variants)]
+    if missing_variants:
+        raise SubmissionError(
+            f"Cannot verify against {cache_path}: variants {missing_variants} are not in the cache "
+            f"(it has {tuple(prov.variants)}). Rebuild the cache with TTA, or submit with --no-tta."
+        )
+    if model.kind == "head-only" and model.encoder.weights_hash() != prov.weights_hash:
+        raise SubmissionError(
+            f"Cannot verify against {cache_path}: the submission encoder's weights hash "
+            f"{model.encoder.weights_hash()[:12]} differs from the cache's {prov.weights_hash[:12]} (the head was "
+            "tuned on another cache?). Pass the cache tune-head used."
+        )
+    return cache
+
+
 def verify_against_cache(
     model: LoadedModel,
     cache_path: str | Path,
@@ -334,12 +368,11 @@ def verify_against_cache(
     own features through the cache-path logic (float16 storage round trip, per-k mask, variant averaging) and
     compared with the full path's p_fake: this proves the head part of both paths agree.
     """
-    from arena.cache import FeatureCache
     from arena.predict import head_probabilities, recreate_encoder
     from arena.runtime import resolve_device
 
     dev = resolve_device(device or "auto") if isinstance(device, str) or device is None else device
-    cache = FeatureCache.open(cache_path)
+    cache = open_verify_cache(model, cache_path)
     prov = cache.provenance
     by_key = {p.key: p for p in predictions}
     item_by_key = {it.key: it for it in items}
@@ -347,18 +380,6 @@ def verify_against_cache(
     variants = tuple(model.variants)
     skipped: dict[str, str] = {}
     k = model.frames
-    if k not in tuple(prov.frame_counts):
-        raise SubmissionError(
-            f"Cannot verify against {cache_path}: it holds frame counts {tuple(prov.frame_counts)}, the submission "
-            f"used {k} frames. Rebuild the cache with --frames including {k}, or submit with --frames "
-            f"{prov.frame_counts[0]}."
-        )
-    missing_variants = [v for v in variants if v not in tuple(prov.variants)]
-    if missing_variants:
-        raise SubmissionError(
-            f"Cannot verify against {cache_path}: variants {missing_variants} are not in the cache "
-            f"(it has {tuple(prov.variants)}). Rebuild the cache with TTA, or submit with --no-tta."
-        )
     candidates = []
     for key, pred in by_key.items():
         if key not in cached:
@@ -372,11 +393,6 @@ def verify_against_cache(
     keys = sample_keys(candidates, sample, seed=seed)
     lines = []
     if model.kind == "head-only":
-        if model.encoder.weights_hash() != prov.weights_hash:
-            raise SubmissionError(
-                f"Cannot verify against {cache_path}: the submission encoder's weights hash "
-                f"{model.encoder.weights_hash()[:12]} differs from the cache's {prov.weights_hash[:12]}."
-            )
         diffs = []
         for key in keys:
             feats, mask = _cached_views(cache, key, k, variants)
@@ -505,6 +521,8 @@ def make_submission(
     model = load_model(models, kind=kind, frames=frames, tta=tta, device=dev)
     say(f"model: {model.kind} ({model.source}), {model.frames} frames ({model.frames_source}), "
         f"TTA {len(model.variants)} variant(s), device {dev}")
+    if verify is not None:
+        open_verify_cache(model, verify)  # fail fast, before the whole test set is predicted
     item_by_key = {it.key: it for it in dataset.test}
     items = [item_by_key[r.key] for r in rows if r.key is not None]
     run = predict_items(items, model, device=dev, workers=workers, batch_size=batch_size, amp=amp,

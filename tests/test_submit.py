@@ -134,8 +134,10 @@ def test_verify_reports_max_difference(world):
     preds[0].p_fake = min(1.0, preds[0].p_fake + 0.01)
     res = verify_against_cache(model, world.cache, preds, items=items, sample=None, seed=0)
     assert not res.ok and res.max_abs_diff == pytest.approx(0.01, abs=1e-3)
-    with pytest.raises(SubmissionError, match="holds frame counts \\(4,\\), the submission used 8"):
+    with pytest.raises(SubmissionError, match="holds frame counts \\(4,\\), the submission uses 8"):
         verify_against_cache(load_model(world.models, frames=8), world.cache, preds, items=items)
+    with pytest.raises(SubmissionError, match="--verify .*nope.h5"):
+        verify_against_cache(model, world.cache.parent / "nope.h5", preds, items=items)
 
 
 def test_submit_finetuned_verifies_preprocessing_and_head(world, tmp_path):
