@@ -537,51 +537,27 @@ def _name_to_key(name: str, known: set[str]) -> str | None:
     return next((c for c in candidates if c in known), None)
 
 
-def _csv_rows(path: Path, root: Path, *, need_label: bool) -> list[tuple[int, str, str | None]]:
-    from arena.data import DataError, LayoutReport, _read_csv
-
-    report = LayoutReport(root=root)
-    rows, usable = _read_csv(path, report, need_label=need_label, level="error")
-    if not usable:
-        raise DataError(f"{path}: cannot be used: {'; '.join(report.errors) or 'no rows'}")
-    return rows
-
-
 def submission_rows(dataset) -> list[SubmissionRow]:
     """Rows of the submission: ``test_public.csv``'s names in its order (first occurrence of each), mapped to keys.
 
     Names whose video the data layer skipped (missing, empty, refused) keep their row with ``key=None`` and the
     reason, so the submission never drops a row. Without ``test_public.csv``: every test video, by key.
     """
-    root = Path(dataset.root)
-    known = {it.key for it in dataset.test}
-    path = root / "test_public.csv"
-    if not path.exists():
-        return [SubmissionRow(PurePosixPath(it.key).name, it.key) for it in dataset.test]
-    out: list[SubmissionRow] = []
-    seen: set[str] = set()
-    for line_no, name, _ in _csv_rows(path, root, need_label=False):
-        if name in seen:
-            continue  # the data layer warns about duplicate rows; the submission lists each name once
-        seen.add(name)
-        key = _name_to_key(name, known)
-        out.append(SubmissionRow(name, key, "" if key else f"test_public.csv row {line_no}: video missing or unusable "
-                                                     "(see `arena doctor`)"))
-    return out
+    return [SubmissionRow(v.name, v.key, v.problem) for v in dataset.test_listing]
 
 
 def labelled_items(dataset, labels_csv: str | Path) -> list:
     """Test items with labels from a CSV such as the demo's ``test_labels.csv`` (evaluation only)."""
     import dataclasses
 
-    from arena.data import DataError, parse_label
+    from arena.data import DataError, parse_label, read_csv_rows
 
     labels_csv = Path(labels_csv)
     if not labels_csv.is_file():
         raise DataError(f"{labels_csv}: labels file not found (the demo writes test_labels.csv beside test/).")
     by_key = {it.key: it for it in dataset.test}
     out, problems = [], []
-    for line_no, name, raw in _csv_rows(labels_csv, Path(dataset.root), need_label=True):
+    for line_no, name, raw in read_csv_rows(labels_csv, need_label=True):
         label = parse_label(raw)
         key = _name_to_key(name, set(by_key))
         if label is None:
