@@ -189,6 +189,9 @@ def test_bad_inputs_are_refused(store, tmp_path):
         Objective(store, frame_choices=(6, 48))
     with pytest.raises(ValueError, match="Invalid storage"):
         create_storage("redis-ish:foo")
+    from arena.tune import redact_url
+
+    assert redact_url("postgresql://ann:s3cret@db.host:5432/optuna") == "postgresql://ann:***@db.host:5432/optuna"
     with pytest.raises(ValueError, match="n_trials must be >= 1"):
         run_study(store, storage=create_storage(f"journal:{tmp_path / 'j.log'}"), n_trials=0)
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
