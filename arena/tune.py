@@ -595,11 +595,27 @@ def recover_stale_trials(study: Any, *, orphan_grace_s: float = 300.0) -> list[i
         except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
             continue  # finished or failed by someone else meanwhile
         failed.append(t.number)
-        root = t.user_attrs.get("retry_of", t.number)
-        retries = sum(1 for u in trials if u.user_attrs.get("retry_of") == root)
-        if t.params and retries < MAX_RETRIES:
-            study.enqueue_trial(dict(t.params), user_attrs={"retry_of": root})
+        _requeue(study, t, trials)
     return failed
+
+
+PARAM_NAMES = ("attn_dim", "dropout", "lr", "weight_decay", "frames", "tta_aug")
+
+
+def _requeue(study: Any, t: Any, trials: Sequence[Any]) -> None:
+    """Enqueue the parameters of a trial that died, unless they were only partly drawn.
+
+    An enqueued trial's parameters come from its ``fixed_params``; a sampled one's only when all were drawn before
+    it died. A partly drawn trial is not enqueued: the next trial is sampled with the same seed and history
+    (see ``_trial_sampler``), so it draws the very same parameters anyway.
+    """
+    params = {**t.params, **t.system_attrs.get("fixed_params", {})}
+    if set(params) != set(PARAM_NAMES):
+        return
+    root = t.user_attrs.get("retry_of", t.number)
+    if sum(1 for u in trials if u.user_attrs.get("retry_of") == root) < MAX_RETRIES:
+        attrs = {"retry_of": root, **({"seed_defaults": True} if t.user_attrs.get("seed_defaults") else {})}
+        study.enqueue_trial(params, user_attrs=attrs)
 
 
 def _requeue_interrupted(study: Any) -> None:
@@ -609,9 +625,8 @@ def _requeue_interrupted(study: Any) -> None:
     mine = [t for t in study.get_trials(deepcopy=False)
             if t.state.name == "FAIL" and t.user_attrs.get("worker", {}).get("pid") == me["pid"]
             and t.user_attrs.get("worker", {}).get("host") == me["host"]]
-    if mine and mine[-1].params:
-        t = mine[-1]
-        study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.user_attrs.get("retry_of", t.number)})
+    if mine:
+        _requeue(study, mine[-1], study.get_trials(deepcopy=False))
 
 
 def _finished(study: Any) -> int:

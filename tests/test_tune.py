@@ -284,7 +284,11 @@ import optuna
 stat = open(f"/proc/{os.getpid()}/stat").read() if os.path.isdir("/proc") else None
 start = int(stat.rsplit(")", 1)[1].split()[19]) if stat else None
 study = optuna.load_study(study_name="k", storage=sys.argv[1])
-trial = study.ask({"attn_dim": optuna.distributions.CategoricalDistribution([64, 128, 256, 512])})
+D = optuna.distributions
+trial = study.ask({"attn_dim": D.CategoricalDistribution([64, 128, 256, 512]), "dropout": D.FloatDistribution(0.3, 0.7),
+                   "lr": D.FloatDistribution(1e-4, 1e-3, log=True), "frames": D.CategoricalDistribution([6, 8]),
+                   "weight_decay": D.FloatDistribution(1e-6, 1e-2, log=True),
+                   "tta_aug": D.CategoricalDistribution([False, True])})
 trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "start": start})
 os.kill(os.getpid(), signal.SIGKILL)  # dies inside the trial, as kill -9 would
 """
@@ -305,7 +309,7 @@ def test_trial_of_a_killed_worker_is_failed_and_retried(store, tmp_path):
     assert states[stale.number] == "FAIL" and "RUNNING" not in states
     assert "died" in study.trials[stale.number].user_attrs["fail_reason"]
     retry = [t for t in study.trials if t.user_attrs.get("retry_of") == stale.number]
-    assert len(retry) == 1 and retry[0].params["attn_dim"] == stale.params["attn_dim"]
+    assert len(retry) == 1 and retry[0].params == stale.params  # all drawn before the kill: retried as they were
     assert _finished(study) == 3
     assert recover_stale_trials(study) == []  # nothing left to recover
 
