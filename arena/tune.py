@@ -557,11 +557,12 @@ def _worker_alive(worker: dict[str, Any]) -> bool:
     return True
 
 
-def recover_stale_trials(study: Any, *, orphan_grace_s: float = 300.0) -> list[int]:
+def recover_stale_trials(study: Any, *, orphan_grace_s: float = 30.0) -> list[int]:
     """Fail trials left RUNNING by a dead worker and enqueue their parameters again.
 
     A RUNNING trial is stale when its worker ran on this host and that process is gone (pid + start time), or
-    when it has no worker record (killed before it wrote one) and started more than ``orphan_grace_s`` ago.
+    when it has no worker record (killed before it wrote one, which an arena worker does within milliseconds of
+    starting the trial) and started more than ``orphan_grace_s`` ago.
     Trials of other hosts are left to the storage heartbeat (PostgreSQL). Each trial's parameters are retried
     at most ``MAX_RETRIES`` times.
 
