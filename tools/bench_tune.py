@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--via-cache", action="store_true", help="write and read a real HDF5 cache")
+    ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args()
 
     import optuna
@@ -124,6 +125,18 @@ def main() -> None:
           f"processes share the cores: load average {os.getloadavg()[0]:.1f})")
     print(f"projected 200 trials: {200 * per_trial:.0f} s wall (target <= 120 s; seed: 1800 s for 10 trials)")
     print(f"best: val log loss {best.value:.4f}, AUC {best.user_attrs['auc']:.4f}, params {best.params}")
+    if args.json:
+        import json
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "videos": args.videos, "trials": len(study.trials), "seconds": elapsed, "cpu_seconds": cpu,
+            "seconds_per_trial": per_trial, "cpu_seconds_per_trial": cpu / len(study.trials),
+            "projected_200_trials_s": 200 * per_trial, "projected_200_trials_cpu_s": 200 * cpu / len(study.trials),
+            "build_seconds": t_build, "threads": torch.get_num_threads(), "load": os.getloadavg()[0],
+            "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
+            "mean_epochs": float(np.mean(epochs)),
+            "via_cache": args.via_cache}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
