@@ -304,19 +304,25 @@ def backbone_options(f):
 def features_cmd(data, cache, models, frames, tta, backbone, pretrained, weights, image_size, seed, device, workers,
                  batch_size, limit, shard, amp):
     """Decode every video once, run TTA + backbone, and store per-frame features in an HDF5 cache (resumable)."""
+    from arena.cache import CacheError
     from arena.features import extract_features
+    from arena.model import WeightsUnavailable
 
-    summary = extract_features(
-        data=data, cache=cache, models=models, frame_counts=frames, tta=tta, backbone=backbone,
-        pretrained=pretrained and weights is None, weights=weights, image_size=image_size, seed=seed, device=device,
-        workers=workers, batch_size=batch_size, limit=limit, shard=shard, amp=amp,
-    )
+    try:
+        summary = extract_features(
+            data=data, cache=cache, models=models, frame_counts=frames, tta=tta, backbone=backbone,
+            pretrained=pretrained and weights is None, weights=weights, image_size=image_size, seed=seed,
+            device=device, workers=workers, batch_size=batch_size, limit=limit, shard=shard, amp=amp,
+        )
+    except (CacheError, ValueError, WeightsUnavailable) as exc:  # DataError is a ValueError: bad data folder/split
+        raise click.ClickException(str(exc)) from exc
     for line in summary.lines():
         click.echo(line)
     if summary.failed:
         click.echo(f"{len(summary.failed)} video(s) could not be decoded; they are recorded in the cache and "
                    "predicted 0.5 at submit time.")
-        raise SystemExit(3)
+    if summary.failed or summary.excluded:
+        raise SystemExit(3)  # the cache is complete for what could be used; some videos are missing from it
 
 
 # --- section: tune (tune-head, frame-test) ---

@@ -132,6 +132,11 @@ class LayoutReport:
         """True when nothing makes training impossible (warnings allowed)."""
         return not self.errors
 
+    @property
+    def skipped_items(self) -> list[str]:
+        """Messages of the warnings that each dropped one video or CSV row (what ``counts["skipped"]`` counts)."""
+        return [i.message for i in self.issues if i.kind in _SKIP_KINDS]
+
     def kinds(self, level: str | None = None) -> set[str]:
         """The kinds of issues found (e.g. ``{"missing", "duplicate"}``), optionally of one level."""
         return {i.kind for i in self.issues if level is None or i.level == level}

@@ -195,6 +195,8 @@ class RunSummary:
     failed: dict[str, str] = field(default_factory=dict)
     frames: int = 0
     seconds: float = 0.0
+    excluded: list[str] = field(default_factory=list)  # videos/CSV rows the data check skipped, with reasons
+    warnings: list[str] = field(default_factory=list)  # other data-check warnings (e.g. a missing CSV)
 
     def lines(self) -> list[str]:
         rate = self.done / self.seconds if self.seconds > 0 else 0.0
@@ -204,6 +206,12 @@ class RunSummary:
             f"failed {len(self.failed)}; {self.seconds:.1f} s, {rate:.2f} videos/s, {fps:.1f} frames/s"
         ]
         out += [f"  failed {k}: {msg}" for k, msg in sorted(self.failed.items())]
+        out += [f"data check: {msg}" for msg in self.warnings]
+        if self.excluded:
+            out.append(f"not in the data set (skipped by the data check) {len(self.excluded)}:")
+            out += [f"  - {msg}" for msg in self.excluded[:20]]
+            if len(self.excluded) > 20:
+                out.append(f"  ... and {len(self.excluded) - 20} more (arena doctor --data DIR lists all)")
         return out
 
 
@@ -257,7 +265,8 @@ def extract_features(
     """Build (or resume) the feature cache for every train and test video of ``data``.
 
     Videos already in the cache are skipped; a video that cannot be decoded is recorded as failed and the run
-    goes on. Returns the run summary; the cache is complete when ``summary.failed`` is empty.
+    goes on. Returns the run summary; the cache is complete when ``summary.failed`` is empty; videos and CSV rows the
+    data check skipped (empty files, names listed but missing, bad labels, ...) are in ``summary.excluded``.
     """
     from tqdm import tqdm
 
@@ -281,7 +290,8 @@ def extract_features(
     if shard is not None:
         i, n = shard
         items = items[i::n]
-    summary = RunSummary()
+    excluded = dataset.report.skipped_items
+    summary = RunSummary(excluded=excluded, warnings=[w for w in dataset.report.warnings if w not in excluded])
     t0 = time.perf_counter()
     with CacheWriter(cache, prov, shard=shard) as writer:
         done = writer.done_keys()
