@@ -499,3 +499,20 @@ def test_damaged_cache_through_the_cli_names_the_file_and_the_rebuild(tiny_data,
     res = cli(args)
     assert res.exit_code == 1, res.output
     assert str(bad) in res.output and "arena features" in res.output and "Traceback" not in res.output
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+
+
+def test_train_full_reports_a_broken_video_and_exits_3(tiny_data, tmp_path):
+    """Outputs complete, one video skipped: the summary names it with the reason and the exit status is 3."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "train/fake/fake_x.mp4").write_text("not a video\n" * 20)
+    _append("train_labels.csv", "train/fake/fake_x.mp4,1\n")(data)
+    res = cli(["train-full", "--data", str(data), "--models", str(tmp_path / "m"), "--backbone", "test_resnet",
+               "--no-pretrained", "--image-size", "32", "--frames", "4", "--epochs", "1", "--workers", "0",
+               "--accum-steps", "1", "--device", "cpu"])
+    assert res.exit_code == 3, res.output
+    assert "train/fake/fake_x.mp4" in res.output and "not a readable media file" in res.output
+    assert (tmp_path / "m" / "test_resnet_best.pt").exists()
