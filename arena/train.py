@@ -60,6 +60,10 @@ class TrainConfig:
         lr / head_lr / weight_decay / head_weight_decay: AdamW; the head's defaults come from the tuned head.
         head_init: ``auto`` (the tuned head of ``tune-head`` when it exists), ``tuned`` (require it) or
             ``default`` (a fresh head with the seed's sizes).
+        head_stats: the head's input standardisation. ``keep`` the tuned head's (or 0/1 for a fresh head);
+            ``train`` recomputes it from train-mode features of 16 training clips; ``auto`` = ``train`` for a tuned
+            head on a random-init backbone, whose cached (eval-mode) features are ~30x smaller than the train-mode
+            features it will see, else ``keep``.
         amp: ``auto`` = fp16 + GradScaler on CUDA, bf16 on CPU; ``off`` = float32.
         resume: ``auto`` continues an unfinished ``last.pt`` made with the same settings (refuses a different
             one), ``yes`` requires ``last.pt``, ``no`` starts over.
@@ -86,6 +90,7 @@ class TrainConfig:
     amp: Literal["auto", "fp16", "bf16", "off"] = "auto"
     grad_checkpointing: bool = False
     head_init: Literal["auto", "tuned", "default"] = "auto"
+    head_stats: Literal["auto", "keep", "train"] = "auto"
     workers: int = 2
     seed: int = 0
     device: str = "auto"
@@ -116,7 +121,7 @@ class TrainConfig:
         need(self.lr_patience >= 0 and self.es_patience >= 1,
              f"lr_patience must be >= 0 and es_patience >= 1, got {self.lr_patience} and {self.es_patience}")
         for name, allowed in (("amp", ("auto", "fp16", "bf16", "off")), ("resume", ("auto", "yes", "no")),
-                              ("head_init", ("auto", "tuned", "default"))):
+                              ("head_init", ("auto", "tuned", "default")), ("head_stats", ("auto", "keep", "train"))):
             need(getattr(self, name) in allowed,
                  f"invalid {name} ({getattr(self, name)}). Supported values are {', '.join(allowed)}.")
         need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
@@ -353,6 +358,38 @@ def build_model(cfg: TrainConfig, tuned: TunedHead | None) -> torch.nn.Module:
     return model
 
 
+@torch.no_grad()
+def calibrate_head_stats(model: torch.nn.Module, items: list, *, frames: int, device: torch.device,
+                         amp_dtype: torch.dtype | None, videos: int = 16, seed: int = 0) -> int:
+    """Set the head's input standardisation from train-mode backbone features of a few training clips.
+
+    BatchNorm runs in train mode as in training (its running statistics are restored afterwards, so the only
+    effect is on the head's ``feat_mean``/``feat_std``). Returns the number of frames the statistics came from.
+    """
+    encoder, head = model.encoder, model.head
+    ds = TrainClips(_limit(items, videos, seed), frames=frames, size=tuple(encoder.input_size), train=False, seed=seed)
+    saved = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    was_training = encoder.training
+    encoder.train()
+    feats = []
+    try:
+        for i in range(len(ds)):
+            clip = ds[(0, i)]
+            if not clip["ok"]:
+                continue
+            with (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()):
+                f = encoder(clip["frames"].to(device)).float()
+            feats.append(f[clip["valid"].to(device)])
+    finally:
+        encoder.load_state_dict(saved)
+        encoder.train(was_training)
+    if not feats:
+        raise RuntimeError("no training clip could be decoded to calibrate the head's input statistics")
+    x = torch.cat(feats)
+    head.set_feature_stats(x.mean(0), x.std(0))
+    return int(x.shape[0])
+
+
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``amp`` on ``device`` (None: float32)."""
     from arena.runtime import amp_dtype
@@ -499,8 +536,10 @@ def train_one_epoch(model, loader: DataLoader, optimizer, ctx: StepContext, *, e
 
 
 def _optimizer_step(optimizer, ctx: StepContext) -> None:
-    ctx.scaler.step(optimizer)
-    ctx.scaler.update()
+    # A window whose every video failed (or whose gradient an OOM dropped) has no gradient: nothing to step.
+    if any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
+        ctx.scaler.step(optimizer)
+        ctx.scaler.update()
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -754,6 +793,11 @@ def _train(cfg, *, device, dist, guard, on_epoch_end, load_dataset, make_split, 
         "world_size": dist.world, "optimizer": "AdamW", "scheduler": "ReduceLROnPlateau(val loss, factor 0.1)",
         "early_stopping": "val loss", "checkpoint": cfg.best_path.name,
     }
+    head_stats = cfg.head_stats
+    if head_stats == "auto":
+        random_init = model.encoder.weights_source.startswith("random:")
+        head_stats = "train" if random_init and model.head_init_source != "default" else "keep"
+    resolved["head_stats"] = head_stats
     from arena.tta import train_augment_spec
 
     resolved["train_augment"] = train_augment_spec()
@@ -790,6 +834,10 @@ def _train(cfg, *, device, dist, guard, on_epoch_end, load_dataset, make_split, 
         _set_rng_state(last["rng"], device)
         log.info("resuming from %s after epoch %d", cfg.last_path, resumed_from)
     else:
+        if resolved["head_stats"] == "train":
+            n = calibrate_head_stats(_unwrap(model), train_items, frames=frames, device=device, amp_dtype=amp,
+                                     seed=cfg.seed)
+            log.info("head input statistics recomputed from %d train-mode frames", n)
         torch.manual_seed(cfg.seed + 1)  # the data loaders' and dropout's stream, independent of the init's
 
     if dist.enabled:

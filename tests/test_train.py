@@ -18,7 +18,15 @@ import torch
 from arena.demo import write_video
 from arena.hardware import GpuGuard
 from arena.model import DetectorHead
-from arena.train import CHECKPOINT_KEYS, TrainConfig, build_model, load_tuned_head, resolve_frames, train
+from arena.train import (
+    CHECKPOINT_KEYS,
+    TrainConfig,
+    build_model,
+    calibrate_head_stats,
+    load_tuned_head,
+    resolve_frames,
+    train,
+)
 
 SIZE = 32
 
@@ -190,6 +198,20 @@ def test_the_tuned_head_is_the_starting_point_when_it_fits(tmp_path):
         assert torch.equal(model.head.state_dict()[key], value), key
     tuned = load_tuned_head(tmp_path)
     assert (tuned.lr, tuned.weight_decay) == (5e-4, 1e-3)
+
+
+def test_head_statistics_are_recalibrated_from_train_mode_features_without_touching_batchnorm(toy_data, tmp_path):
+    from arena.data import load_dataset
+
+    _write_tuned_head(tmp_path, backbone="test_resnet", weights_source="random:test_resnet:seed=3", dim=96)
+    model = build_model(tiny_config(toy_data, tmp_path), load_tuned_head(tmp_path))
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    n = calibrate_head_stats(model, load_dataset(toy_data, require_test=False).train, frames=4,
+                             device=torch.device("cpu"), amp_dtype=None, videos=4)
+    assert n == 16
+    assert not torch.allclose(model.head.feat_std, torch.full((96,), 2.0))
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 def test_a_tuned_head_from_other_features_is_not_used(tmp_path):
