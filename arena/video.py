@@ -315,14 +315,15 @@ class _Sequential:
 
 def _ffmpeg_sequential(
     path: Path, stream_index: int | None, wanted: np.ndarray | None, *,
-    scan_pts: np.ndarray | None = None, num_threads: int = 1,
+    scan_pts: np.ndarray | None = None, num_threads: int = 1, size: tuple[int, int] | None = None,
 ) -> _Sequential:
     """Decode every frame FFmpeg can decode, in display order, keeping only ``wanted`` (sorted unique) indices.
 
     A decoded frame's index is its ordinal, or with ``scan_pts`` the index of the nearest scanned pts (frames that
     match none are skipped). A wanted index with no decoded frame takes the nearest decoded frame before it (after
     it when there is none before) and is marked not decoded: a rule that depends on the file and the index only.
-    ``wanted=None`` only counts frames.
+    ``wanted=None`` only counts frames. With ``size`` each kept frame is resized as soon as it is decoded, so memory
+    holds small frames only (a 4K frame is 25 MB), with the same pixels as resizing them all at the end.
     """
     exe = _ffmpeg_exe(path)
     stream = f"0:{stream_index}" if stream_index is not None else "0:v:0"
@@ -366,6 +367,16 @@ def _ffmpeg_sequential(
     timer.start()
     rows: dict[int, tuple[np.ndarray, float, bool]] = {}
     count = 0
+    last: list = [None, None]  # (source frame, its resized copy): a frame that fills several rows is resized once
+
+    def small(img: np.ndarray) -> np.ndarray:
+        if size is None:
+            return img
+        if last[0] is not img:
+            resized = resize_frames(torch.from_numpy(img).permute(2, 0, 1), size)
+            last[:] = [img, resized.permute(1, 2, 0).numpy()]
+        return last[1]
+
     try:
         if wanted is None:
             proc.stdout.read()  # type: ignore[union-attr]
@@ -386,19 +397,19 @@ def _ffmpeg_sequential(
                     if prev is None:
                         pending.append(want[pos])
                     else:
-                        rows[want[pos]] = (prev[0], prev[1], False)
+                        rows[want[pos]] = (small(prev[0]), prev[1], False)
                     pos += 1
                 if pos < len(want) and want[pos] == j:
-                    rows[j] = (img, t, True)
+                    rows[j] = (small(img), t, True)
                     pos += 1
                 if prev is None:
                     for i in pending:
-                        rows[i] = (img, t, False)
+                        rows[i] = (small(img), t, False)
                     pending.clear()
                 prev = (img, t)
             if prev is not None:
                 for i in want[pos:]:
-                    rows[i] = (prev[0], prev[1], False)
+                    rows[i] = (small(prev[0]), prev[1], False)
         proc.wait()
         reader.join()
     finally:
@@ -636,7 +647,8 @@ def _decode(path, select, *, size, device: str, num_threads: int, resize: str) -
         notes.append(f"torchcodec failed while decoding ({error}); decoded sequentially with FFmpeg")
         _LOG.info("%s: %s", p, notes[-1])
         scan_pts = _packet_pts(p, dec.stream_index, n)
-        seq = _ffmpeg_sequential(p, dec.stream_index, np.unique(idx), scan_pts=scan_pts, num_threads=num_threads)
+        seq = _ffmpeg_sequential(p, dec.stream_index, np.unique(idx), scan_pts=scan_pts, num_threads=num_threads,
+                                 size=size)
         if seq.count < n:
             notes.append(f"FFmpeg decoded {seq.count} of {n} frames")
         return _clip_from_sequential(idx, n, seq, info, size, notes)
@@ -699,7 +711,7 @@ def _decode_sequential(p: Path, select, info: VideoInfo, stream: int | None, siz
     info = replace(info, num_frames=n)
     idx = select(n)
     _check_range(p, idx, n)
-    seq = _ffmpeg_sequential(p, stream, np.unique(idx), num_threads=num_threads)
+    seq = _ffmpeg_sequential(p, stream, np.unique(idx), num_threads=num_threads, size=size)
     return _clip_from_sequential(idx, n, seq, info, size, notes)
 
 
