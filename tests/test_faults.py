@@ -450,7 +450,8 @@ def test_train_full_refuses_a_pickle_that_runs_code(tiny_data, tmp_path, where):
 
 
 @pytest.mark.parametrize("change,named", [(["--seed", "4"], "weights_hash"), (["--frames", "4,8"], "frame_counts"),
-                                          (["--image-size", "48"], "input_size")])
+                                          (["--image-size", "48"], "input_size")],
+                         ids=["other-seed", "other-frames", "other-image-size"])
 def test_features_refuses_a_cache_of_another_configuration(tiny_data, reference, tmp_path, change, named):
     out = tmp_path / "out"
     out.mkdir()
