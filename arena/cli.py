@@ -465,6 +465,8 @@ def frame_test_cmd(cache, data, models, frames, seed, epochs, patience, device, 
 @click.option("--head-stats", type=click.Choice(["auto", "keep", "train"]), default="auto", show_default=True,
               help="Head input standardisation: keep the tuned one, or recompute it from train-mode features "
                    "(auto: recompute for a tuned head on a random-init backbone).")
+@click.option("--balanced/--no-balanced", default=True, show_default=True,
+              help="Class-balanced training order: real and fake clips alternate, so each batch holds both.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True, help="Decoder processes.")
 @click.option("--resume", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
@@ -483,8 +485,8 @@ def frame_test_cmd(cache, data, models, frames, seed, epochs, patience, device, 
 @click.option("--empty-cache-each-video/--no-empty-cache-each-video", default=False, show_default=True)
 def train_full_cmd(data, models, backbone, pretrained, weights, image_size, seed, frames, batch_size, accum_steps, lr,
                    head_lr, weight_decay, epochs, lr_patience, es_patience, amp, grad_checkpointing, head_init,
-                   head_stats, device, workers, resume, limit_train, limit_val, min_frames, temp_pause, temp_resume,
-                   vram_warn, empty_cache_each_video):
+                   head_stats, balanced, device, workers, resume, limit_train, limit_val, min_frames, temp_pause,
+                   temp_resume, vram_warn, empty_cache_each_video):
     """Fine-tune backbone + attention head end to end (resumable; DDP under torchrun -m arena train-full)."""
     import logging
 
@@ -498,7 +500,7 @@ def train_full_cmd(data, models, backbone, pretrained, weights, image_size, seed
             image_size=image_size, frames=frames, batch_size=batch_size, accum_steps=accum_steps, lr=lr,
             head_lr=head_lr, weight_decay=weight_decay, epochs=epochs, lr_patience=lr_patience,
             es_patience=es_patience, amp=amp, grad_checkpointing=grad_checkpointing, head_init=head_init,
-            head_stats=head_stats,
+            head_stats=head_stats, balanced=balanced,
             workers=workers, seed=seed, device=device, resume=resume, limit_train=limit_train, limit_val=limit_val,
             min_frames=min_frames, temp_pause_c=temp_pause, temp_resume_c=temp_resume, vram_warn_frac=vram_warn,
             empty_cache_each_video=empty_cache_each_video,

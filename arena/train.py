@@ -67,6 +67,7 @@ class TrainConfig:
         amp: ``auto`` = fp16 + GradScaler on CUDA, bf16 on CPU; ``off`` = float32.
         resume: ``auto`` continues an unfinished ``last.pt`` made with the same settings (refuses a different
             one), ``yes`` requires ``last.pt``, ``no`` starts over.
+        balanced: class-balanced training order (real and fake alternate; see `EpochSampler`).
         limit_train / limit_val: use at most this many videos of each part (quick runs, tests).
         min_frames: the fewest frames an out-of-memory retry may fall back to.
     """
@@ -91,6 +92,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     head_init: Literal["auto", "tuned", "default"] = "auto"
     head_stats: Literal["auto", "keep", "train"] = "auto"
+    balanced: bool = True
     workers: int = 2
     seed: int = 0
     device: str = "auto"
@@ -253,21 +255,43 @@ class EpochSampler(Sampler):
 
     The epoch travels with each key because worker processes hold a copy of the dataset made when the epoch
     started; keys are the one thing every worker sees fresh.
+
+    With ``labels`` (training), the order is class-balanced: a shuffled real and a shuffled fake alternate, so every
+    batch of an even size (and every pair of steps at batch 1) holds both classes. Train-mode BatchNorm then
+    normalises real and fake clips together, which is what makes a subtle local artefact learnable from few clips.
+    Each video still appears once per epoch (the larger class's surplus comes last); under DDP each rank gets whole
+    pairs.
     """
 
-    def __init__(self, dataset: Dataset, *, world: int, rank: int, shuffle: bool, seed: int) -> None:
+    def __init__(self, dataset: Dataset, *, world: int, rank: int, shuffle: bool, seed: int,
+                 labels: list[int] | None = None) -> None:
         self.inner = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+        self.world, self.rank, self.seed = world, rank, seed
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.inner.set_epoch(epoch)
 
+    def _balanced(self) -> list[int]:
+        g = np.random.default_rng([self.seed, self.epoch, 17])
+        real = g.permutation(np.flatnonzero(self.labels == 0)).tolist()
+        fake = g.permutation(np.flatnonzero(self.labels == 1)).tolist()
+        m = min(len(real), len(fake))
+        pairs = [[real[i], fake[i]] for i in range(m)]
+        rest = g.permutation(np.array(real[m:] + fake[m:], dtype=np.int64)).tolist()
+        pairs += [rest[i:i + 2] for i in range(0, len(rest), 2)]
+        while len(pairs) % self.world:  # every rank the same number of steps (DDP), like DistributedSampler's padding
+            pairs.append(pairs[len(pairs) % max(1, m)])
+        return [i for pair in pairs[self.rank::self.world] for i in pair]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, int(i)) for i in self.inner)
+        order = self._balanced() if self.labels is not None else self.inner
+        return ((self.epoch, int(i)) for i in order)
 
     def __len__(self) -> int:
-        return len(self.inner)
+        return len(self._balanced()) if self.labels is not None else len(self.inner)
 
 
 def _limit(items: list, n: int | None, seed: int) -> list:
@@ -848,7 +872,8 @@ def _train(cfg, *, device, dist, guard, on_epoch_end, load_dataset, make_split, 
     size = tuple(_unwrap(model).encoder.input_size)
     train_ds = TrainClips(train_items, frames=frames, size=size, train=True, seed=cfg.seed)
     val_ds = TrainClips(val_items, frames=frames, size=size, train=False, seed=cfg.seed)
-    train_sampler = EpochSampler(train_ds, world=dist.world, rank=dist.rank, shuffle=True, seed=cfg.seed)
+    train_sampler = EpochSampler(train_ds, world=dist.world, rank=dist.rank, shuffle=True, seed=cfg.seed,
+                                 labels=[it.label for it in train_items] if cfg.balanced else None)
     val_sampler = EpochSampler(val_ds, world=dist.world, rank=dist.rank, shuffle=False, seed=cfg.seed)
 
     def loader(ds, sampler):

@@ -20,6 +20,7 @@ from arena.hardware import GpuGuard
 from arena.model import DetectorHead
 from arena.train import (
     CHECKPOINT_KEYS,
+    EpochSampler,
     TrainConfig,
     build_model,
     calibrate_head_stats,
@@ -282,3 +283,21 @@ def test_ddp_two_gloo_processes_only_rank0_writes(toy_data, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "last.pt", "split.json", "test_resnet_best.pt", "train.log", "training_curves.png", "training_summary.json"]
     assert proc.stdout.count("train-full: max_epochs after epoch 1") == 1
+
+
+def test_balanced_order_alternates_classes_keeps_each_video_once_and_splits_pairs_across_ranks():
+    labels = [0] * 5 + [1] * 7
+    one = EpochSampler(list(range(12)), world=1, rank=0, shuffle=True, seed=0, labels=labels)
+    one.set_epoch(2)
+    order = [i for _, i in one]
+    assert sorted(order) == list(range(12))
+    assert all({labels[order[j]], labels[order[j + 1]]} == {0, 1} for j in range(0, 10, 2))
+    one.set_epoch(3)
+    assert [i for _, i in one] != order  # reshuffled every epoch (seeded by seed and epoch)
+    ranks = [EpochSampler(list(range(12)), world=2, rank=r, shuffle=True, seed=0, labels=labels) for r in (0, 1)]
+    parts = []
+    for r in ranks:
+        r.set_epoch(2)
+        parts.append([i for _, i in r])
+    assert len(parts[0]) == len(parts[1]) and not set(parts[0]) & set(parts[1])
+    assert all(e == 2 for r in ranks for e, _ in r)
