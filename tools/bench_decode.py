@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="which median goes into the table (both are printed to stderr); use cpu on a busy machine")
     ap.add_argument("--no-warmup", action="store_true", help="skip the untimed run per method and video")
+    ap.add_argument("--json", type=Path, default=None, help="also write every median (wall and CPU) here")
     args = ap.parse_args(argv)
     if shutil.which("ffmpeg") is None:
         print("ffmpeg not found on PATH", file=sys.stderr)
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import arena.video  # noqa: F401
 
-    rows = []
+    rows, records = [], []
     for h in (int(s) for s in args.sizes.split(",")):
         for gop in (int(g) for g in args.gops.split(",")):
             path = make_video(args.out / "videos", *SIZES[h], gop)
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                                  not args.no_warmup) for m in methods}
             res = {m: w if args.clock == "wall" else c for m, (w, c) in both.items()}
             rows.append((f"{h}p", gop, res))
+            records.append({"video": f"{h}p", "gop": gop, "threads": args.threads,
+                            "wall": {m: w for m, (w, _) in both.items()}, "cpu": {m: c for m, (_, c) in both.items()}})
             print(f"{h}p gop{gop} (wall/cpu s): " + ", ".join(f"{m} {w:.3f}/{c:.3f}" for m, (w, c) in both.items()),
                   file=sys.stderr, flush=True)
     print(f"\n{K} frames -> {SIDE}x{SIDE}, 10 s @ 30 fps H.264, threads={args.threads}, median of {args.repeats}, "
@@ -205,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         if "arena/ffmpeg" in head:
             cells.append(f"{res['arena'] / res['ffmpeg-floor']:.2f}")
         print("| " + " | ".join(cells) + " |")
+    if args.json:
+        import json
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"k": K, "side": SIDE, "repeats": args.repeats, "clock": args.clock,
+                                         "load": os.getloadavg()[0], "rows": records}, indent=1) + "\n")
     return 0
 
 

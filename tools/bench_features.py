@@ -93,12 +93,13 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--data", default=None, help="an existing dataset to take the videos from (default: generate one)")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
     frame_counts = tuple(int(k) for k in args.frames.split(","))
     variants = VARIANTS[: args.variants]
-    data = bench_data(Path(args.out), args.videos, args.seconds, args.size, args.fps)
+    data = Path(args.data) if args.data else bench_data(Path(args.out), args.videos, args.seconds, args.size, args.fps)
     dataset = load_dataset(data)
     items = list(dataset.train)[: args.videos]
     encoder = create_encoder(args.backbone, pretrained=False, image_size=args.image_size, seed=0).to(device).eval()
