@@ -44,7 +44,6 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json", default=None, help="also write the result here")
-    ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args()
 
     from arena.hardware import GpuGuard
@@ -105,11 +104,6 @@ def main() -> None:
         result["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         result["cuda_max_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
     print(json.dumps(result))
-    if args.json:
-        from pathlib import Path
-
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     if args.json:
         from pathlib import Path
 
