@@ -185,7 +185,7 @@ def _tune(videos: int, trials: int, tiny: bool) -> dict:
 def stage_tune(args, which: str) -> list[dict]:
     rows = []
     grid = ([(v, args.tune_trials) for v in args.tune_videos] if which == "tune_videos"
-            else [(args.tune_videos[-1], t) for t in args.trials])
+            else [(args.tune_videos[1], t) for t in args.trials])
     for v, t in grid:
         r = _tune(v, t, args.tiny)
         x = v if which == "tune_videos" else t
@@ -256,9 +256,18 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats, args.backbone, args.image_size, args.feature_videos = 1, "resnet18", 75, 1
     else:
         args.lengths, args.heights, args.res_seconds = [2, 5, 15, 60], [360, 540, 720, 1080], 10
-        args.tune_videos, args.trials, args.tune_trials = [150, 300, 600], [2, 4, 8], 3
+        # 2-core budget: ~15 CPU-s per trial at 600 videos, so the curves are taken on 75 … 300 videos
+        args.tune_videos, args.trials, args.tune_trials = [75, 150, 300], [1, 2, 4], 2
     args.out.mkdir(parents=True, exist_ok=True)
     videos = args.out / "videos"
+    name = "scaling_tiny" if args.tiny else "scaling"
+    csv_path = args.out / f"{name}.csv"
+    fields = ["stage", "series", "x", "x_unit", "cpu_s", "wall_s", "note"]
+    kept: list[dict] = []
+    if csv_path.exists():  # keep the rows of stages not rerun now, so stages can be measured one run at a time
+        with open(csv_path) as f:
+            kept = [dict(r, x=float(r["x"]), cpu_s=float(r["cpu_s"]), wall_s=float(r["wall_s"]))
+                    for r in csv.DictReader(f) if r["stage"] not in stages]
     rows: list[dict] = []
     for stage in stages:
         if stage == "decode_length":
@@ -271,12 +280,12 @@ def main(argv: list[str] | None = None) -> int:
             rows += stage_features_workers(args, args.data)
         else:
             rows += stage_tune(args, stage)
-    name = "scaling_tiny" if args.tiny else "scaling"
-    with open(args.out / f"{name}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["stage", "series", "x", "x_unit", "cpu_s", "wall_s", "note"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in w.fieldnames})
+        with open(csv_path, "w", newline="") as f:  # after every stage: a killed run keeps what it measured
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            for r in kept + rows:
+                w.writerow({k: r.get(k, "") for k in fields})
+    rows = kept + rows
     exps = exponents(rows)
     (args.out / f"{name}_exponents.json").write_text(json.dumps(dict(exponents=exps, load=os.getloadavg()), indent=1))
     plot(rows, args.out / f"{name}.png")
