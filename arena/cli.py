@@ -77,7 +77,7 @@ def _parse_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @main.command("demo-data")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--preset", type=click.Choice(["demo", "competition"]), default="demo", show_default=True,
-              help="Defaults for the options below: demo = 40+40 train, 40 test, 2 s, 128x128, 15 fps; "
+              help="Defaults for the options below: demo = 60+60 train, 40 test, 2 s, 112x112, 15 fps; "
                    "competition = 300+300 train, 200 test, 10 s, 640x360, 30 fps, crf 26 (~700 MB).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Master seed; the same seed gives the same bytes.")
 @click.option("--n-train", type=int, default=None, help="Training videos per class (real and fake each).")
@@ -85,7 +85,7 @@ def _parse_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--seconds", type=float, default=None, help="Length of every video.")
 @click.option("--size", callback=_parse_size, default=None, help="WIDTHxHEIGHT (even numbers), e.g. 128x128.")
 @click.option("--fps", type=float, default=None, help="Frame rate of every video.")
-@click.option("--difficulty", type=click.FloatRange(0.0, 1.0), default=0.3, show_default=True,
+@click.option("--difficulty", type=click.FloatRange(0.0, 1.0), default=0.1, show_default=True,
               help="Blend strength of the fakes: 0 obvious .. 1 subtle.")
 @click.option("--crf", type=int, default=None, help="x264 quality (same for reals and fakes).")
 @click.option("--unpaired", is_flag=True, help="Give every fake a scene of its own (default: fake i is made from "
