@@ -29,12 +29,17 @@ if [[ "${1:-}" == "--prepare" ]]; then
             "${plat[@]}" -d .whl "$spec" || python3 -m pip download -q --no-deps --only-binary=:all: \
             --python-version 3.12 --implementation cp --platform any -d .whl "$spec"
     done
-    # FFmpeg 5.1 shared libraries (Debian bookworm) for torchcodec, plus the ffmpeg/ffprobe binaries arena's
-    # fallback decoder uses. Their dependencies come along with apt-get's dependency list (libs only).
-    (cd .debs && apt-get download ffmpeg libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 \
-        libavfilter8 libavdevice59 libpostproc56 $(apt-cache depends --recurse --no-recommends --no-suggests \
-        --no-conflicts --no-breaks --no-replaces --no-enhances libavcodec59 libavformat59 libavfilter8 libavdevice59 \
-        | grep '^[a-z]' | grep -v -E '^(libc6|libgcc|libstdc|debconf|dpkg|perl|tzdata)' | sort -u) 2>/dev/null || true)
+    # FFmpeg 5.1 shared libraries (Debian bookworm) for torchcodec, plus ffmpeg/ffprobe (arena's fallback decoder):
+    # exactly the packages that own what the libraries load here (ldd closure), minus what every image has.
+    L=/usr/lib/x86_64-linux-gnu
+    pk=$(ldd $L/libavdevice.so.59 $L/libavfilter.so.8 $L/libavformat.so.59 $L/libavcodec.so.59 $L/libswscale.so.6 \
+            $L/libswresample.so.4 $L/libavutil.so.57 /usr/bin/ffmpeg | awk '/=>/{print $3}' | sort -u \
+         | while read -r f; do dpkg -S "$(readlink -f "$f")" 2>/dev/null || dpkg -S "$f"; done | cut -d: -f1 \
+         | sort -u | grep -v -E '^(libc6|libgcc-s1|libstdc\+\+6|zlib1g)$')
+    (cd .debs && apt-get download ffmpeg $pk)
+    # ~93 MB of .debs (libflite 12 MB, libicu 9 MB, libcodec2 8 MB ...): over the 64 MiB a device call carries.
+    # Until a smaller set is proven, carry .whl only; the run then records "TORCHCODEC FAILED" and measures the
+    # decode-free steps (train), or carry a PyAV wheel's bundled FFmpeg with soname links (not yet tried).
     du -sh .whl .debs
     exit 0
 fi
