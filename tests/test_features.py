@@ -129,3 +129,13 @@ def test_cli_refuses_impossible_frames(tiny_data, tmp_path):
 
     res = CliRunner().invoke(main, ["features", "--data", str(tiny_data), "--frames", "0,8", "--no-pretrained"])
     assert res.exit_code == 2 and "1..512" in res.output
+
+
+def test_shards_merge_to_the_one_process_cache(tiny_data, built, tmp_path):
+    """Two processes' shards (--shard 0/2, 1/2) merge into a file byte-identical to the one-process cache."""
+    from arena.cache import merge_shards, shard_path
+
+    for i in range(2):
+        _run(tiny_data, tmp_path, shard=(i, 2))
+    merge_shards(tmp_path / "merged.h5", [shard_path(tmp_path / "features.h5", i, 2) for i in range(2)])
+    assert filecmp.cmp(tmp_path / "merged.h5", built / "features.h5", shallow=False)
