@@ -461,8 +461,12 @@ def plan_dataset(config: DemoConfig) -> list[_Job]:
 
 
 def _write_job(job: _Job, out: str) -> tuple[str, int]:
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread per worker: the pool provides the parallelism, and results stay exact
-    frames = render_clip(job.params, fake=bool(job.label))
+    try:
+        frames = render_clip(job.params, fake=bool(job.label))
+    finally:
+        torch.set_num_threads(threads)  # in-process generation must not change the caller's thread count
     path = Path(out) / job.relpath
     # -threads 1 keeps x264's output byte-identical from run to run and machine to machine (same FFmpeg build).
     write_video(path, frames, job.fps, crf=job.crf, gop=job.gop,

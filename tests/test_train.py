@@ -71,8 +71,15 @@ def tiny_config(data: Path, models: Path, **kw) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def full_run(toy_data, tmp_path_factory):
+    # One torch thread, like the subprocesses below (OMP_NUM_THREADS=1): float reductions then give identical bits
+    # whatever thread count earlier tests left in this process.
     models = tmp_path_factory.mktemp("models_full")
-    result = train(tiny_config(toy_data, models), guard=quiet_guard())
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = train(tiny_config(toy_data, models), guard=quiet_guard())
+    finally:
+        torch.set_num_threads(before)
     return models, result
 
 
@@ -242,7 +249,8 @@ def cli_args(data: Path, models: Path, *extra: str) -> list[str]:
 def test_kill_9_then_resume_reaches_the_same_final_state_as_an_uninterrupted_run(full_run, toy_data, tmp_path):
     models_ref, _ = full_run
     cmd = [sys.executable, "-m", "arena", *cli_args(toy_data, tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the reference run used one thread too
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     last = tmp_path / "last.pt"
     try:
         deadline = time.monotonic() + 240
@@ -254,7 +262,7 @@ def test_kill_9_then_resume_reaches_the_same_final_state_as_an_uninterrupted_run
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert torch.load(last, weights_only=True)["epoch"] >= 1
-    again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)  # --resume: require it
+    again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300, env=env)  # require it
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed after epoch 1" in again.stdout or "nothing to train" in again.stderr
     a = torch.load(models_ref / "last.pt", weights_only=True)
