@@ -87,7 +87,7 @@ evaluate: setup  ## metrics with and without TTA on the validation split
 DEMO_BACKBONE   ?= --no-pretrained --image-size 112 --seed 0
 DEMO_FRAMES     ?= 4,8
 DEMO_TRIALS     ?= 20
-DEMO_TRAIN_ARGS ?= --epochs 8 --accum-steps 2 --es-patience 3
+DEMO_TRAIN_ARGS ?= --frames 4 --batch-size 8 --accum-steps 1 --epochs 6 --es-patience 6
 DEMO_DATA_ARGS  ?=
 
 demo: setup $(DEMO_DATA)/test_public.csv  ## the whole chain on a generated dataset (a few minutes on 2 CPU cores)
