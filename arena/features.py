@@ -116,15 +116,14 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, i: int) -> ClipViews:
         from arena.tta import tta_views
-        from arena.video import VideoDecodeError, decode_indices, source_frame_count
+        from arena.video import VideoDecodeError, decode_selected
 
         item = self.items[i]
         t0 = time.perf_counter()
         empty = np.zeros(0, dtype=np.int64)
         try:
-            n = source_frame_count(item.path)
-            clip = decode_indices(
-                item.path, self.indices_for(n), size=self.size, device=self.decode_device, num_threads=self.num_threads
+            clip = decode_selected(
+                item.path, self.indices_for, size=self.size, device=self.decode_device, num_threads=self.num_threads
             )
             views = tta_views(clip.frames.cpu(), self.variants)
         except VideoDecodeError as exc:

@@ -33,6 +33,7 @@ import re
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -46,6 +47,7 @@ __all__ = [
     "VideoDecodeError",
     "VideoInfo",
     "decode_indices",
+    "decode_selected",
     "decode_uniform",
     "probe",
     "resize_frames",
@@ -598,6 +600,24 @@ def decode_uniform(
         raise ValueError(f"k must be >= 1, got {k}")
     return _decode(path, lambda n: uniform_indices(n, k), size=size, device=device, num_threads=num_threads,
                    resize=resize)
+
+
+def decode_selected(
+    path: str | os.PathLike,
+    select: Callable[[int], np.ndarray],
+    *,
+    size: tuple[int, int] | None = None,
+    device: str = "cpu",
+    num_threads: int = 1,
+    resize: ResizeBackend = DEFAULT_RESIZE,
+) -> DecodedClip:
+    """Decode the indices ``select(n)`` picks once the file's ``n`` (`source_frame_count`) is known.
+
+    One open of the file does both, where `source_frame_count` followed by `decode_indices` opens and scans it
+    twice. `decode_uniform` is ``decode_selected(path, lambda n: uniform_indices(n, k))``; the feature cache asks
+    for the union of several k this way.
+    """
+    return _decode(path, select, size=size, device=device, num_threads=num_threads, resize=resize)
 
 
 def _decode(path, select, *, size, device: str, num_threads: int, resize: str) -> DecodedClip:
