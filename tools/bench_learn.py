@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--clips", default="40,80", help="training clips per run (comma-separated; taken from the split)")
     ap.add_argument("--n-train", type=int, default=120, help="training videos to generate (half real, half fake)")
     ap.add_argument("--n-test", type=int, default=100, help="held-out test videos to generate")
-    ap.add_argument("--difficulty", type=float, default=0.5)
+    ap.add_argument("--difficulty", type=float, default=0.1, help="the demo preset's default")
     ap.add_argument("--backbone", default="inception_resnet_v2.tf_in1k")
     ap.add_argument("--image-size", type=int, default=112)
     ap.add_argument("--frames", type=int, default=4)
