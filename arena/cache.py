@@ -309,7 +309,8 @@ def _part_name(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:40] + _PART_SUFFIX
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: so that a rename in it survives a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -325,7 +326,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _fsync_path(path.parent)
 
 
 def _read_main(path: Path) -> tuple[Provenance, dict[str, _Entry], Any]:
@@ -513,17 +514,13 @@ def _write_compacted(out: Path, provenance: Provenance, entries: Iterable[_Entry
         for entry, start in zip(items, starts, strict=True):  # streamed video by video: memory stays bounded
             if entry.row_count:
                 feats[int(start) : int(start) + entry.row_count] = entry.features()
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_path(out)
 
 
 def _install(tmp: Path, path: Path) -> None:
     """Atomically put a finished compacted file in place, then drop the staged parts it now contains."""
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _fsync_path(path.parent)
     _drop_parts(path)
 
 
@@ -1053,7 +1050,7 @@ def merge_shards(out: str | os.PathLike, paths: str | os.PathLike | Sequence[str
             tmp = out.with_name(out.name + ".tmp")
             _write_compacted(tmp, cache.provenance, cache.iter_entries())
             os.replace(tmp, out)
-            _fsync_dir(out.parent)
+            _fsync_path(out.parent)
         finally:
             lock.release()
     return FeatureCache.open(out)

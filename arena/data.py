@@ -701,10 +701,9 @@ def make_split(dataset: Dataset, out_dir: str | os.PathLike, *, val_fraction: fl
         "train": {k: labels[k] for k in train_keys},
         "val": {k: labels[k] for k in val_keys},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # atomic: a crash leaves the old file or the new one, never half of one
+    from arena._files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")  # a crash leaves old or new, never half
     return load_split(dataset, out_dir)
 
 

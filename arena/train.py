@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from arena._files import atomic_write
 from arena.hardware import GpuGuard, halving_schedule, hardware_summary, run_with_oom_fallback
 
 log = logging.getLogger(__name__)
@@ -605,25 +606,12 @@ def evaluate(model, loader: DataLoader, ctx: StepContext, *, show: bool, desc: s
 # Outputs: atomic files, checkpoints, summary, curves
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder + fsync + os.replace: the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_torch(obj: Any, path: Path) -> None:
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_json(obj: Any, path: Path) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8"))
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, *, title: str) -> None:
@@ -647,7 +635,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path, *, title: str) -> Non
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     try:
-        _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(fig)
 

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from arena import metrics
+from arena._files import atomic_write, atomic_write_text
 
 ATTN_CHOICES = (64, 128, 256, 512)
 DEFAULT_FRAMES = (24, 32, 48)
@@ -746,18 +747,6 @@ class _quiet_optuna:
 # ------------------------------------------------------------------------------------------------ outputs
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def head_checkpoint(result: HeadResult, data: HeadData, *, provenance: dict[str, Any],
                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The best-head checkpoint dict (only tensors and JSON types, loadable with ``weights_only=True``)."""
@@ -871,17 +860,17 @@ def finalize_study(study: Any, store: HeadDataStore, models_dir: str | os.PathLi
         params = HeadParams.from_dict(best.params)
         data = store.get(params.frames)
         result = train_head(params, data, config=config)
-        _atomic_write_text(models / BEST_PARAMS_FILE, json.dumps({**params.to_dict(), "hidden": HIDDEN}, indent=1))
+        atomic_write_text(models / BEST_PARAMS_FILE, json.dumps({**params.to_dict(), "hidden": HIDDEN}, indent=1))
         ckpt = head_checkpoint(result, data, provenance=store.provenance,
                                extra={"study": {"name": study.study_name, "trial": best.number,
                                                 "trial_value": best.value},
                                       "train_config": dataclasses.asdict(config)})
-        _atomic_torch_save(ckpt, models / BEST_HEAD_FILE)
+        atomic_write(models / BEST_HEAD_FILE, lambda tmp: torch.save(ckpt, tmp))
         summary["retrained"] = {"val_loss": result.val_loss, "trial_value": best.value,
                                 "abs_diff": abs(result.val_loss - best.value), "metrics": result.metrics}
         summary["skipped_videos"] = data.skipped
     summary["plots"] = save_plots(study, models)
-    _atomic_write_text(models / SUMMARY_FILE, json.dumps(summary, indent=1, default=str))
+    atomic_write_text(models / SUMMARY_FILE, json.dumps(summary, indent=1, default=str))
     return summary
 
 
@@ -979,5 +968,5 @@ def frame_test(cache_path: str | os.PathLike, data_root: str | os.PathLike, mode
     store, _, split = _open_inputs(cache_path, data_root, models, device)
     out = run_frame_test(store, params, config=config, frames=frames, progress=progress)
     out.update({"cache": str(cache_path), "split_sha256": split.sha256})
-    _atomic_write_text(models / FRAME_TEST_FILE, json.dumps(out, indent=1))
+    atomic_write_text(models / FRAME_TEST_FILE, json.dumps(out, indent=1))
     return out
