@@ -86,8 +86,10 @@ evaluate: setup  ## metrics with and without TTA on the validation split
 # so the head-only model at submit time runs the very weights the cache was built with.
 DEMO_BACKBONE   ?= --no-pretrained --image-size 112 --seed 0
 DEMO_FRAMES     ?= 4,8
-DEMO_TRIALS     ?= 20
-DEMO_TRAIN_ARGS ?= --frames 4 --batch-size 8 --accum-steps 1 --epochs 6 --es-patience 6
+DEMO_TRIALS     ?= 40
+# 140 training videos: batches of 16 give the head 9 steps per epoch (64 would give 3 and stop it early).
+DEMO_TUNE_ARGS  ?= --batch-size 16
+DEMO_TRAIN_ARGS ?= --frames 4 --batch-size 8 --accum-steps 1 --epochs 4 --es-patience 4
 DEMO_DATA_ARGS  ?=
 
 demo: setup $(DEMO_DATA)/test_public.csv  ## the whole chain on a generated dataset (a few minutes on 2 CPU cores)
@@ -96,7 +98,8 @@ demo: setup $(DEMO_DATA)/test_public.csv  ## the whole chain on a generated data
 	$(ARENA) doctor --data $(DEMO_DATA) --expect none
 	$(ARENA) features --data $(DEMO_DATA) --cache $(DEMO_CACHE) --models $(DEMO_MODELS) --frames $(DEMO_FRAMES) \
 	  --workers $(WORKERS) $(DEMO_BACKBONE)
-	$(ARENA) tune-head --data $(DEMO_DATA) --cache $(DEMO_CACHE) --models $(DEMO_MODELS) --n-trials $(DEMO_TRIALS)
+	$(ARENA) tune-head --data $(DEMO_DATA) --cache $(DEMO_CACHE) --models $(DEMO_MODELS) --n-trials $(DEMO_TRIALS) \
+	  $(DEMO_TUNE_ARGS)
 	$(ARENA) frame-test --data $(DEMO_DATA) --cache $(DEMO_CACHE) --models $(DEMO_MODELS)
 	$(ARENA) evaluate --data $(DEMO_DATA) --models $(DEMO_MODELS) --model head-only \
 	  --labels $(DEMO_DATA)/test_labels.csv --out $(DEMO_DIR)/eval_head_only.json

@@ -77,7 +77,7 @@ def _parse_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @main.command("demo-data")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--preset", type=click.Choice(["demo", "competition"]), default="demo", show_default=True,
-              help="Defaults for the options below: demo = 60+60 train, 40 test, 2 s, 112x112, 15 fps; "
+              help="Defaults for the options below: demo = 100+100 train, 40 test, 2 s, 112x112, 15 fps; "
                    "competition = 300+300 train, 200 test, 10 s, 640x360, 30 fps, crf 26 (~700 MB).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Master seed; the same seed gives the same bytes.")
 @click.option("--n-train", type=int, default=None, help="Training videos per class (real and fake each).")

@@ -90,7 +90,7 @@ Preset = Literal["demo", "competition"]
 #: Defaults per preset. "competition" mimics the real dataset (600 train + 200 test, ~700 MB in all).
 PRESETS: dict[str, dict[str, Any]] = {
     # 112x112 = the demo backbone input: no resize softens the grain whose loss inside the blend is the cue.
-    "demo": dict(n_train_real=60, n_train_fake=60, n_test=40, seconds=2.0, size=(112, 112), fps=15.0, crf=18),
+    "demo": dict(n_train_real=100, n_train_fake=100, n_test=40, seconds=2.0, size=(112, 112), fps=15.0, crf=18),
     # crf 26: measured 0.85 MB per 10 s 640x360 clip on average -> ~680 MB for the 800 videos.
     "competition": dict(n_train_real=300, n_train_fake=300, n_test=200, seconds=10.0, size=(360, 640), fps=30.0,
                         crf=26),
@@ -119,8 +119,8 @@ class DemoConfig:
             the local cue learnable from few clips. ``False`` gives every video its own scene.
     """
 
-    n_train_real: int = 60
-    n_train_fake: int = 60
+    n_train_real: int = 100
+    n_train_fake: int = 100
     n_test: int = 40
     seconds: float = 2.0
     size: tuple[int, int] = (112, 112)

@@ -340,22 +340,30 @@ class AttentionPool(nn.Module):
 
 
 class DetectorHead(nn.Module):
-    """Standardise features → attention pool → Linear(d→hidden) → ReLU → Dropout → Linear(hidden→2).
+    """Standardise features → [input dropout] → attention pool → Linear(d→hidden) → ReLU → Dropout → Linear(hidden→2).
 
     ``feat_mean``/``feat_std`` standardise the input; random-init backbones give tiny features (std ≈ 0.01,
     many exact zeros), so set them from training features with :meth:`set_feature_stats`. They are buffers,
     so they travel with the head's state_dict.
+
+    ``input_dropout`` (default 0: the seed's head) drops standardised feature entries of every frame in training
+    only. It has no weights, so checkpoints without it load unchanged; on a few hundred videos it is the
+    regulariser that lets the 1536→256 head train for more than a few epochs before it overfits.
     """
 
-    def __init__(self, dim: int, *, attn_dim: int = 256, hidden: int = 256, dropout: float = 0.5) -> None:
+    def __init__(self, dim: int, *, attn_dim: int = 256, hidden: int = 256, dropout: float = 0.5,
+                 input_dropout: float = 0.0) -> None:
         super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout}.")
+        for name, p in (("dropout", dropout), ("input_dropout", input_dropout)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1); got {p}.")
         if hidden < 1:
             raise ValueError(f"hidden must be >= 1; got {hidden}.")
         self.dim, self.attn_dim, self.hidden, self.dropout = int(dim), int(attn_dim), int(hidden), float(dropout)
+        self.input_dropout = float(input_dropout)
         self.register_buffer("feat_mean", torch.zeros(dim))
         self.register_buffer("feat_std", torch.ones(dim))
+        self.input_drop = nn.Dropout(self.input_dropout)
         self.pool = AttentionPool(dim, attn_dim)
         self.classifier = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 2))
 
@@ -379,12 +387,18 @@ class DetectorHead(nn.Module):
         if feats.ndim != 3 or feats.shape[-1] != self.dim:
             raise ValueError(f"DetectorHead expects features [B, T, {self.dim}]; got shape {tuple(feats.shape)}.")
         x = (feats.to(self.feat_mean.dtype) - self.feat_mean) / self.feat_std
-        pooled, weights = self.pool(x, mask)
+        return self.forward_standardized(x, mask)
+
+    def forward_standardized(self, z: torch.Tensor,
+                             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` on features already standardised with ``feat_mean``/``feat_std`` (tune-head's loop)."""
+        pooled, weights = self.pool(self.input_drop(z), mask)
         return self.classifier(pooled), weights
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments, to rebuild the head from a checkpoint: ``DetectorHead(**cfg)``."""
-        return {"dim": self.dim, "attn_dim": self.attn_dim, "hidden": self.hidden, "dropout": self.dropout}
+        return {"dim": self.dim, "attn_dim": self.attn_dim, "hidden": self.hidden, "dropout": self.dropout,
+                "input_dropout": self.input_dropout}
 
 
 class Detector(nn.Module):

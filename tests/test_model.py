@@ -136,6 +136,26 @@ def test_head_standardisation_makes_tiny_features_usable():
     assert x.std().item() == pytest.approx(1.0, abs=0.1)
 
 
+def test_input_dropout_acts_in_training_only_and_old_configs_still_load():
+    head = DetectorHead(16, attn_dim=4, hidden=8, dropout=0.0, input_dropout=0.5)
+    assert head.config()["input_dropout"] == 0.5
+    feats = torch.randn(3, 5, 16)
+    head.eval()
+    torch.testing.assert_close(head(feats)[0], head(feats)[0])  # identity at inference: deterministic
+    head.train()
+    torch.manual_seed(0)
+    a = head(feats)[0]
+    torch.manual_seed(1)
+    assert not torch.allclose(a, head(feats)[0])  # a different mask per draw in training
+    # A checkpoint from before the option (no input_dropout in its config, no extra state) loads as the seed head.
+    old_cfg = {k: v for k, v in head.config().items() if k != "input_dropout"}
+    old = DetectorHead(**old_cfg)
+    old.load_state_dict(head.state_dict())
+    assert old.input_dropout == 0.0
+    with pytest.raises(ValueError, match="input_dropout"):
+        DetectorHead(8, input_dropout=1.0)
+
+
 def test_head_rejects_bad_input_and_options():
     with pytest.raises(ValueError, match="dropout"):
         DetectorHead(8, dropout=1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -155,10 +156,26 @@ def test_head_data_from_cache(setup, store):
 
 def test_objective_under_fixed_trial_is_finite(store):
     trial = optuna.trial.FixedTrial({"attn_dim": 64, "dropout": 0.5, "lr": 3e-4, "weight_decay": 1e-4,
-                                     "frames": 6, "tta_aug": True})
+                                     "frames": 6, "tta_aug": True, "input_dropout": 0.5})
     value = Objective(store, config=FAST)(trial)
     assert math.isfinite(value) and value > 0
     assert set(trial.user_attrs) >= {"auc", "accuracy", "f1"}
+
+
+def test_input_dropout_is_searched_and_reaches_the_head(store):
+    from arena.tune import suggest_params
+
+    base = HeadParams(attn_dim=64, lr=1e-3, frames=8)
+    plain = train_head(base, store.get(8), config=FAST)
+    dropped = train_head(dataclasses.replace(base, input_dropout=0.6), store.get(8), config=FAST)
+    assert dropped.head_config["input_dropout"] == 0.6 and plain.head_config["input_dropout"] == 0.0
+    assert dropped.history != plain.history  # the option acts in the training loop
+    assert dropped.metrics["auc"] >= 0.9  # and the head still learns the separable features through it
+    trial = optuna.trial.FixedTrial({"attn_dim": 64, "dropout": 0.5, "lr": 3e-3, "weight_decay": 1e-1,
+                                     "frames": 8, "tta_aug": False, "input_dropout": 0.9})
+    assert suggest_params(trial, FRAMES).input_dropout == 0.9  # the ends of the ranges are in the space
+    with pytest.raises(ValueError, match="input_dropout"):
+        HeadParams(input_dropout=1.0)
 
 
 def test_training_is_deterministic_and_the_checkpoint_round_trips(store, tmp_path):
@@ -270,11 +287,17 @@ def test_ctrl_c_requeues_the_interrupted_trial(store, tmp_path, monkeypatch):
     assert [t.state.name for t in resumed.trials].count("FAIL") == 1
 
 
-def test_study_with_another_search_space_is_refused(store, tmp_path):
+def test_study_with_another_search_space_is_refused(store, tmp_path, monkeypatch):
+    import arena.tune as tune
+
     url = f"sqlite:///{tmp_path / 'c.db'}"
     run_study(store, storage=create_storage(url), n_trials=1, frame_choices=(6,), config=FAST, progress=False)
     with pytest.raises(ValueError, match="different settings .*frame_choices.*another --study-name"):
         run_study(store, storage=create_storage(url), n_trials=2, frame_choices=(6, 8), config=FAST, progress=False)
+    # Other ranges (a study of an earlier arena version, say) are refused too, not silently mixed in.
+    monkeypatch.setitem(tune.SEARCH_SPACE, "lr", ("log_float", (1e-4, 1e-3)))
+    with pytest.raises(ValueError, match="different settings .*search_space"):
+        run_study(store, storage=create_storage(url), n_trials=2, frame_choices=(6,), config=FAST, progress=False)
 
 
 # The child records itself as arena.tune's Objective does (without importing torch: seconds saved per test).
@@ -286,9 +309,10 @@ start = int(stat.rsplit(")", 1)[1].split()[19]) if stat else None
 study = optuna.load_study(study_name="k", storage=sys.argv[1])
 D = optuna.distributions
 trial = study.ask({"attn_dim": D.CategoricalDistribution([64, 128, 256, 512]), "dropout": D.FloatDistribution(0.3, 0.7),
-                   "lr": D.FloatDistribution(1e-4, 1e-3, log=True), "frames": D.CategoricalDistribution([6, 8]),
-                   "weight_decay": D.FloatDistribution(1e-6, 1e-2, log=True),
-                   "tta_aug": D.CategoricalDistribution([False, True])})
+                   "lr": D.FloatDistribution(1e-4, 3e-3, log=True), "frames": D.CategoricalDistribution([6, 8]),
+                   "weight_decay": D.FloatDistribution(1e-6, 1e-1, log=True),
+                   "tta_aug": D.CategoricalDistribution([False, True]),
+                   "input_dropout": D.FloatDistribution(0.0, 0.9)})
 trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "start": start})
 os.kill(os.getpid(), signal.SIGKILL)  # dies inside the trial, as kill -9 would
 """
