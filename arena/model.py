@@ -346,9 +346,9 @@ class DetectorHead(nn.Module):
     many exact zeros), so set them from training features with :meth:`set_feature_stats`. They are buffers,
     so they travel with the head's state_dict.
 
-    ``input_dropout`` (default 0: the seed's head) drops standardised feature entries of every frame in training
-    only. It has no weights, so checkpoints without it load unchanged; on a few hundred videos it is the
-    regulariser that lets the 1536→256 head train for more than a few epochs before it overfits.
+    ``input_dropout`` (default 0: the seed's head) drops standardised features in training only, one mask per
+    video shared by its frames. It has no weights, so checkpoints without it load unchanged; on a few hundred
+    videos it is the regulariser that lets the 1536→256 head train for more than a few epochs before it overfits.
     """
 
     def __init__(self, dim: int, *, attn_dim: int = 256, hidden: int = 256, dropout: float = 0.5,
@@ -363,7 +363,6 @@ class DetectorHead(nn.Module):
         self.input_dropout = float(input_dropout)
         self.register_buffer("feat_mean", torch.zeros(dim))
         self.register_buffer("feat_std", torch.ones(dim))
-        self.input_drop = nn.Dropout(self.input_dropout)
         self.pool = AttentionPool(dim, attn_dim)
         self.classifier = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 2))
 
@@ -392,7 +391,13 @@ class DetectorHead(nn.Module):
     def forward_standardized(self, z: torch.Tensor,
                              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` on features already standardised with ``feat_mean``/``feat_std`` (tune-head's loop)."""
-        pooled, weights = self.pool(self.input_drop(z), mask)
+        if self.training and self.input_dropout > 0:
+            # One mask per video and feature, shared by its frames: a dropped feature is gone from the whole clip
+            # (attention and classifier alike), and it draws T times fewer random numbers than elementwise dropout
+            # (which took 60 % of a tune-head trial on 48-frame clips).
+            keep = torch.empty(z.shape[0], 1, z.shape[-1], device=z.device).bernoulli_(1.0 - self.input_dropout)
+            z = z * (keep / (1.0 - self.input_dropout)).to(z.dtype)
+        pooled, weights = self.pool(z, mask)
         return self.classifier(pooled), weights
 
     def config(self) -> dict[str, Any]:

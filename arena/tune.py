@@ -470,8 +470,8 @@ SEARCH_SPACE: dict[str, tuple[str, Any]] = {
     "lr": ("log_float", (1e-4, 3e-3)),
     "weight_decay": ("log_float", (1e-6, 1e-1)),
     "tta_aug": ("categorical", [False, True]),
-    # Dropout on the standardised frame features: without it the 1536->256 head overfits a few hundred videos
-    # within a few epochs (measured on the demo cache: best epochs 0-3, held-out AUC 0.75).
+    # Dropout on the standardised features (one mask per video): without it the 1536->256 head overfits a few
+    # hundred videos within a few epochs (measured on the demo cache: best epochs 0-3, held-out AUC 0.75).
     "input_dropout": ("float", (0.0, 0.9)),
 }
 

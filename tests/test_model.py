@@ -147,6 +147,14 @@ def test_input_dropout_acts_in_training_only_and_old_configs_still_load():
     a = head(feats)[0]
     torch.manual_seed(1)
     assert not torch.allclose(a, head(feats)[0])  # a different mask per draw in training
+    seen = []
+    pool_forward = head.pool.forward
+    head.pool.forward = lambda z, mask=None: (seen.append(z), pool_forward(z, mask))[1]
+    head.forward_standardized(torch.ones(3, 5, 16))
+    dropped = seen[0] == 0
+    assert dropped.any() and (~dropped).any()
+    assert torch.equal(dropped, dropped[:, :1].expand_as(dropped))  # one mask per video, shared by its frames
+    torch.testing.assert_close(seen[0][~dropped], torch.full_like(seen[0][~dropped], 2.0))  # kept: scaled 1/(1-p)
     # A checkpoint from before the option (no input_dropout in its config, no extra state) loads as the seed head.
     old_cfg = {k: v for k, v in head.config().items() if k != "input_dropout"}
     old = DetectorHead(**old_cfg)
