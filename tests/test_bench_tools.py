@@ -68,3 +68,17 @@ def test_gpu_check_script_parses_and_cpu_steps_run(tmp_path):
     assert rc == 0, result
     assert result["steps"]["decode"]["cpu"]["videos"] >= 1
     assert "nvml_before" in result  # read or an error string, never a crash
+
+
+def test_decode_parallel_bench_runs_each_configuration(tmp_path):
+    if not shutil.which("ffmpeg"):
+        pytest.skip("the FFmpeg CLI is needed to generate the benchmark's videos")
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_decode_parallel.py"), "--videos", "2",
+                           "--codecs", "h264", "--size", "160x96", "--seconds", "0.5", "--frames", "4", "--side", "64",
+                           "--configs", "1x1,2x1,1x0", "--out", str(tmp_path / "videos"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["results"]["h264"]
+    assert [(r["decoders"], r["threads"]) for r in rows] == [(1, 1), (2, 1), (1, 0)]
+    assert all(r["videos_per_s"] > 0 for r in rows) and "| 1 × auto |" in proc.stdout
