@@ -101,7 +101,7 @@ def main() -> None:
     variants = VARIANTS[: args.variants]
     data = Path(args.data) if args.data else bench_data(Path(args.out), args.videos, args.seconds, args.size, args.fps)
     dataset = load_dataset(data)
-    items = list(dataset.train)[: args.videos]
+    items = (list(dataset.train) + list(dataset.test))[: args.videos]  # test videos too when --data is small
     encoder = create_encoder(args.backbone, pretrained=False, image_size=args.image_size, seed=0).to(device).eval()
 
     # Warm-up: first forward pays for oneDNN kernel selection in every mode.

@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-amp", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="take the videos from this dataset (test, then train) instead of generating them")
     args = ap.parse_args(argv)
     if args.videos < 1 or args.frames < 1 or args.workers < 1:
         ap.error("--videos, --frames and --workers must be >= 1")
@@ -93,11 +95,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench_submit_") as tmp:
         t0 = time.perf_counter()
-        items = make_videos(Path(tmp), args.videos, width=width, height=height, seconds=args.seconds, fps=args.fps,
-                            seed=0)
+        if args.data is not None:  # e.g. on a machine without the FFmpeg CLI to encode with
+            from arena.data import load_dataset
+
+            dataset = load_dataset(args.data)
+            items = (list(dataset.test) + list(dataset.train))[: args.videos]
+            args.videos = len(items)
+            where = f"took {args.videos} videos from {args.data}"
+        else:
+            items = make_videos(Path(tmp), args.videos, width=width, height=height, seconds=args.seconds,
+                                fps=args.fps, seed=0)
+            where = f"generated {args.videos} videos {width}x{height}, {args.seconds:g} s at {args.fps:g} fps"
         gen_s = time.perf_counter() - t0
-        print(f"generated {args.videos} videos {width}x{height}, {args.seconds:g} s at {args.fps:g} fps in "
-              f"{gen_s:.1f} s; model {args.backbone} random init at {encoder.input_size[0]} px on {dev}, "
+        print(f"{where} in {gen_s:.1f} s; model {args.backbone} random init at {encoder.input_size[0]} px on {dev}, "
               f"{args.frames} frames x {len(VARIANTS)} TTA views", flush=True)
 
         predict_items(items[:1], model, workers=0, **run_opts)  # warm-up: allocator, kernels, page cache
@@ -121,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     compute_s = max(naive - decode_s, 1e-9)
     out = {
         "config": vars(args) | {"json": str(args.json) if args.json else None, "device": str(dev),
+                                "data": str(args.data) if args.data else None,
                                 "image_size": list(encoder.input_size), "variants": len(VARIANTS)},
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
                     "threads": torch.get_num_threads(),

@@ -4,43 +4,47 @@
 # train-full steps at the seed's settings with cuda max allocated, submit timing -> 200 videos, pynvml readings).
 #
 # Prepare here (a machine with pip and apt), once:
-#     bash tools/gpu_check.sh --prepare        # fills .whl/ (wheels, py3.12) and .debs/ (FFmpeg 5.1 libraries)
-# Run there (device tool):   command: bash tools/gpu_check.sh    carry: [".whl", ".debs"]    timeout_s: 540
+#     bash tools/gpu_check.sh --prepare        # fills .gpu/: wheels (py3.12), FFmpeg 7.1 libraries, videos
+# Run there (device tool):   command: bash tools/gpu_check.sh    carry: [".gpu"]    timeout_s: 540
 # Smoke-test here:           bash tools/gpu_check.sh --cpu-smoke   (tiny, CPU, no wheels, same Python steps)
 #
-# Results: $OUT/gpu_check.json (+ one .json/.log per benchmark), $OUT/env.txt (what loaded, what fell back).
+# Results: $OUT/gpu_check.json, $OUT/env.txt (what loaded, what fell back), $OUT/raw.tgz (each step's json/log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 
 if [[ "${1:-}" == "--prepare" ]]; then
+    # Everything the call carries goes into .gpu/ (git-ignored), under the 64 MiB a device call takes:
+    #   .gpu/whl/           wheels the image lacks: torchcodec 0.11.1 (pairs with its torch 2.11), albumentations
+    #                       and its needs (optuna is not needed by these steps and stays behind)
+    #   .gpu/fflib.tar.xz   FFmpeg 7.1 shared libraries taken from PyAV's manylinux wheel, with the sonames
+    #                       torchcodec links against (libavcodec.so.61 ...) as links: ~22 MB, against ~93 MB of
+    #                       Debian packages; the image has no FFmpeg at all
+    #   .gpu/data/          competition-like videos (640x360, 10 s, 30 fps H.264), since there is no FFmpeg CLI
+    #                       there to encode with
     set -e
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
-    grep -qx '/.debs/' .git/info/exclude 2>/dev/null || echo /.debs/ >> .git/info/exclude
-    mkdir -p .whl .debs
-    plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
-          --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
-    # Not in the device image (KINDS.md): torchcodec (0.11.x pairs with torch 2.11), optuna + its needs,
-    # albumentations + its needs. --no-deps: each need is named.
-    for spec in torchcodec==0.11.1 optuna alembic sqlalchemy colorlog mako greenlet albumentations albucore \
-                stringzilla simsimd pydantic pydantic-core annotated-types typing-inspection; do
-        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-            "${plat[@]}" -d .whl "$spec" || python3 -m pip download -q --no-deps --only-binary=:all: \
-            --python-version 3.12 --implementation cp --platform any -d .whl "$spec"
+    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo /.gpu/ >> .git/info/exclude
+    mkdir -p .gpu/whl /tmp/gpu_prep
+    plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
+          --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+    get() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+                "${plat[@]}" -d "$1" "$2" || python3 -m pip download -q --no-deps --only-binary=:all: \
+                --python-version 3.12 --implementation cp --platform any -d "$1" "$2"; }
+    for spec in torchcodec==0.11.1 albumentations==2.0.8 albucore==0.0.24 stringzilla simsimd pydantic pydantic-core \
+                annotated-types typing-inspection; do
+        get .gpu/whl "$spec"
     done
-    # FFmpeg 5.1 shared libraries (Debian bookworm) for torchcodec, plus ffmpeg/ffprobe (arena's fallback decoder):
-    # exactly the packages that own what the libraries load here (ldd closure), minus what every image has.
-    L=/usr/lib/x86_64-linux-gnu
-    pk=$(ldd $L/libavdevice.so.59 $L/libavfilter.so.8 $L/libavformat.so.59 $L/libavcodec.so.59 $L/libswscale.so.6 \
-            $L/libswresample.so.4 $L/libavutil.so.57 /usr/bin/ffmpeg | awk '/=>/{print $3}' | sort -u \
-         | while read -r f; do dpkg -S "$(readlink -f "$f")" 2>/dev/null || dpkg -S "$f"; done | cut -d: -f1 \
-         | sort -u | grep -v -E '^(libc6|libgcc-s1|libstdc\+\+6|zlib1g)$')
-    (cd .debs && apt-get download ffmpeg $pk)
-    # ~93 MB of .debs (libflite 12 MB, libicu 9 MB, libcodec2 8 MB ...): over the 64 MiB a device call carries.
-    # Until a smaller set is proven, carry .whl only; the run then records "TORCHCODEC FAILED" and measures the
-    # decode-free steps (train), or carry a PyAV wheel's bundled FFmpeg with soname links (not yet tried).
-    du -sh .whl .debs
+    get /tmp/gpu_prep av==15.1.0   # bundles FFmpeg 7.1 (libavutil 59): one of the majors torchcodec supports
+    rm -rf /tmp/gpu_prep/fflib && mkdir -p /tmp/gpu_prep/fflib
+    (cd /tmp/gpu_prep && unzip -q -o -j av-15.1.0-*.whl 'av.libs/*' -d fflib)
+    (cd /tmp/gpu_prep/fflib && for f in lib{avutil,avcodec,avformat,avdevice,avfilter,swscale,swresample}-*.so.*; do
+        ln -sf "$f" "${f%%-*}.so.$(echo "$f" | sed -E 's/.*\.so\.([0-9]+).*/\1/')"; done)
+    tar -C /tmp/gpu_prep -cJf .gpu/fflib.tar.xz fflib
+    py=python3; [[ -x .venv/bin/python ]] && py=.venv/bin/python
+    [[ -f .gpu/data/test_public.csv ]] || "$py" -m arena demo-data .gpu/data --preset competition --n-train 4 \
+        --n-test 8 --force
+    du -sh .gpu/whl .gpu/fflib.tar.xz .gpu/data
     exit 0
 fi
 
@@ -54,19 +58,16 @@ exec > >(tee -a "$OUT/env.txt") 2>&1   # everything below is logged (no subshell
 {
     echo "start $(date -u)"; nvidia-smi --query-gpu=name,memory.total,temperature.gpu,driver_version --format=csv || true
     # 1. wheels (pip with no index: the machine reaches nothing outside)
-    if ls .whl/*.whl >/dev/null 2>&1; then
+    if ls .gpu/whl/*.whl >/dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || echo "WHEELS FAILED"
+            .gpu/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || echo "WHEELS FAILED"
     else
-        echo "no .whl/ carried: torchcodec/optuna/albumentations must already be importable"
+        echo "no .gpu/whl carried: torchcodec/albumentations must already be importable"
         export PYTHONPATH=$PWD
     fi
-    # 2. FFmpeg libraries: unpacked beside, never into / (dpkg -x into a folder)
-    if ls .debs/*.deb >/dev/null 2>&1; then
-        mkdir -p /tmp/ffroot
-        for f in .debs/*.deb; do dpkg -x "$f" /tmp/ffroot; done
-        export LD_LIBRARY_PATH=/tmp/ffroot/usr/lib/x86_64-linux-gnu:/tmp/ffroot/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
-        export PATH=/tmp/ffroot/usr/bin:$PATH
+    # 2. FFmpeg libraries: unpacked beside, never into /
+    if [[ -f .gpu/fflib.tar.xz ]]; then
+        tar -C /tmp -xJf .gpu/fflib.tar.xz && export LD_LIBRARY_PATH=/tmp/fflib:${LD_LIBRARY_PATH:-}
     fi
     # 3. in the first seconds: can torchcodec load FFmpeg and decode, on CPU and with NVDEC?
     timeout 60 python3 - <<'PY'
@@ -82,16 +83,24 @@ PY
     echo "torchcodec check rc=$tc after $(( $(date +%s) - t0 )) s"
 }
 
-steps=data,decode,features,train,submit
+steps=${GPU_STEPS:-data,decode,features,train,submit}
 if [[ "$tc" != "0" ]]; then
     # No decoder at all: still measure what needs none (train on random clips); record the failure.
     echo "torchcodec cannot load FFmpeg here: decode-free steps only"
     steps=train
-elif ! ls .debs/*.deb >/dev/null 2>&1 && ! command -v ffmpeg >/dev/null; then
-    echo "no ffmpeg binary: demo-data cannot encode; decode steps use whatever torchcodec loaded"
+fi
+data=()
+if [[ -f .gpu/data/test_public.csv ]]; then
+    data=(--data-from .gpu/data --n-train 4)   # 4 + 4 train and 8 test videos carried
+elif ! command -v ffmpeg >/dev/null; then
+    echo "no ffmpeg binary and no carried .gpu/data: the data step cannot encode"
 fi
 # Budget: data ~60 s (16 cores), decode ~20 s, features ~90 s, train ~60 s, submit ~90 s; each step capped at 150 s.
-timeout 450 python3 tools/gpu_check.py --out "$OUT" --device cuda --steps "$steps" --step-timeout 150 \
-    --work /tmp/gpu_check_work
+# Budget (H100, 16 cores): data 0 s (carried), decode ~20 s, features ~90 s, train 2 x ~40 s, submit ~60 s.
+timeout 460 python3 tools/gpu_check.py --out "$OUT/raw" --device cuda --steps "$steps" --step-timeout 120 \
+    --work /tmp/gpu_check_work "${data[@]}" ${GPU_ARGS:-}
 echo "total $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=temperature.gpu,memory.used --format=csv || true
+# At most 8 files come back from a device call: the summary, this log, and every per-step file in one archive.
+cp "$OUT/raw/gpu_check.json" "$OUT/" 2>/dev/null
+tar -czf "$OUT/raw.tgz" -C "$OUT" raw && rm -rf "$OUT/raw"
