@@ -180,8 +180,8 @@ def encode_views(
         chunk = chunk.contiguous(memory_format=torch.channels_last)
         with autocast(device, enabled=amp):
             feats = encoder(chunk)
-        out.append(feats.float().cpu())
-    return torch.cat(out).reshape(v, t, -1)
+        out.append(feats.float())  # stays on the device: one copy back per video, not a GPU sync per batch
+    return torch.cat(out).cpu().reshape(v, t, -1)
 
 
 @dataclass
