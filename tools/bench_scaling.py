@@ -11,8 +11,8 @@ Curves (x = the work, y = CPU seconds of the process and its children, median of
   decode_parallel    wall seconds for 8 decodes of 720p by P parallel processes × T FFmpeg threads each
                      (not a power law: the decoder's thread-vs-process choice)
   features_workers   arena.features.extract_features wall seconds vs decode workers (0, 1, 2) on generated videos
-  tune_videos        tools/bench_tune.py CPU seconds for 3 trials vs cache size (150, 300, 600 videos)
-  tune_trials        tools/bench_tune.py CPU seconds vs trials (2, 4, 8) on 600 videos
+  tune_videos        tools/bench_tune.py CPU seconds for 20 trials vs cache size (150, 300, 600 videos)
+  tune_trials        tools/bench_tune.py CPU seconds vs trials (10, 40, 160) on 300 videos
 
 The exponent is the least-squares slope of log(y) against log(x): 1 = linear; > 1.15 is flagged (a stage
 growing faster than linearly in its input is a bug or needs an explanation). Wall clock is noisy on a shared
@@ -256,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats, args.backbone, args.image_size, args.feature_videos = 1, "resnet18", 75, 1
     else:
         args.lengths, args.heights, args.res_seconds = [2, 5, 15, 60], [360, 540, 720, 1080], 10
-        # 2-core budget: ~15 CPU-s per trial at 600 videos, so the curves are taken on 75 … 300 videos
-        args.tune_videos, args.trials, args.tune_trials = [75, 150, 300], [1, 2, 4], 2
+        # ~0.9 CPU-s per trial on a 600-video cache (2 idle cores): videos 150 … 600 at 20 trials, and 10 … 160
+        # trials on 300 videos, long enough that the sampler's unpruned start-up trials do not dominate
+        args.tune_videos, args.trials, args.tune_trials = [150, 300, 600], [10, 40, 160], 20
     args.out.mkdir(parents=True, exist_ok=True)
     videos = args.out / "videos"
     name = "scaling_tiny" if args.tiny else "scaling"
