@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _layout import write_dataset
 from click.testing import CliRunner
 
 from arena.cache import FeatureCache
 from arena.cli import main
-from arena.demo import write_video
 
 FEATURES = ["--frames", "4,6", "--backbone", "test_resnet", "--no-pretrained", "--image-size", "32", "--workers", "0",
             "--device", "cpu", "--batch-size", "16"]
@@ -80,21 +80,11 @@ def _clip(rng: np.random.Generator, n: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     """3 real + 3 fake train videos and 2 test videos of 32x32 (12 frames each)."""
-    root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
-    rows = ["filename,label"]
-    for label, folder in ((0, "real"), (1, "fake")):
-        for i in range(3):
-            name = f"train/{folder}/{folder}_{i}.mp4"
-            write_video(root / name, _clip(rng, 12), fps=10, gop=6)
-            rows.append(f"{name},{label}")
-    (root / "train_labels.csv").write_text("\n".join(rows) + "\n")
-    tests = ["filename"]
-    for i in range(2):
-        write_video(root / f"test/t_{i}.mp4", _clip(rng, 12), fps=10, gop=6)
-        tests.append(f"test/t_{i}.mp4")
-    (root / "test_public.csv").write_text("\n".join(tests) + "\n")
-    return root
+    train = ((f"train/{c}/{c}_{i}.mp4", label, _clip(rng, 12)) for label, c in ((0, "real"), (1, "fake"))
+             for i in range(3))
+    return write_dataset(tmp_path_factory.mktemp("data"), train, ((f"test/t_{i}.mp4", _clip(rng, 12))
+                                                                  for i in range(2)))
 
 
 ALL_KEYS = sorted([f"train/{c}/{c}_{i}.mp4" for c in ("real", "fake") for i in range(3)] + ["test/t_0.mp4",

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _layout import write_dataset
 from click.testing import CliRunner
 
 from arena.cache import CacheError, FeatureCache
-from arena.demo import write_video
 from arena.features import ClipDataset, encode_views, extract_features
 from arena.model import create_encoder
 from arena.tta import VARIANTS, tta_views
@@ -30,22 +30,11 @@ def _clip(rng: np.random.Generator, n: int, size: int = 48) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
-    rows = ["filename,label"]
-    for label, folder in ((0, "real"), (1, "fake")):
-        for i in range(3):
-            name = f"train/{folder}/{folder}_{i}.mp4"
-            write_video(root / name, _clip(rng, 20 + 5 * i), fps=10, gop=6)
-            rows.append(f"{name},{label}")
-    (root / "train_labels.csv").write_text("\n".join(rows) + "\n")
-    tests = ["filename"]
-    for i in range(2):
-        name = f"test/t_{i}.mp4"
-        write_video(root / name, _clip(rng, 3 if i == 0 else 30), fps=10, gop=6)  # 3 frames: fewer than k
-        tests.append(name)
-    (root / "test_public.csv").write_text("\n".join(tests) + "\n")
-    return root
+    train = ((f"train/{c}/{c}_{i}.mp4", label, _clip(rng, 20 + 5 * i)) for label, c in ((0, "real"), (1, "fake"))
+             for i in range(3))
+    test = ((f"test/t_{i}.mp4", _clip(rng, 3 if i == 0 else 30)) for i in range(2))  # 3 frames: fewer than k
+    return write_dataset(tmp_path_factory.mktemp("data"), train, test)
 
 
 def _run(data: Path, out: Path, **kw):

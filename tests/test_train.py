@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _layout import write_dataset
 
-from arena.demo import write_video
 from arena.hardware import GpuGuard
 from arena.model import DetectorHead
 from arena.train import (
@@ -44,16 +44,10 @@ def _toy_clip(rng: np.random.Generator, fake: bool) -> np.ndarray:
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory) -> Path:
     """8 real + 8 fake training videos (12 train / 4 validation by the persisted split)."""
-    root = tmp_path_factory.mktemp("toy")
     rng = np.random.default_rng(0)
-    rows = ["filename,label"]
-    for label, name in ((0, "real"), (1, "fake")):
-        for i in range(8):
-            key = f"train/{name}/{name}_{i}.mp4"
-            write_video(root / key, _toy_clip(rng, fake=bool(label)), fps=10, gop=6)
-            rows.append(f"{key},{label}")
-    (root / "train_labels.csv").write_text("\n".join(rows) + "\n")
-    return root
+    train = ((f"train/{c}/{c}_{i}.mp4", label, _toy_clip(rng, fake=bool(label)))
+             for label, c in ((0, "real"), (1, "fake")) for i in range(8))
+    return write_dataset(tmp_path_factory.mktemp("toy"), train)
 
 
 def quiet_guard() -> GpuGuard:
