@@ -34,9 +34,9 @@ STAMP := $(VENV)/.arena-installed
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
 
-setup: $(STAMP)  ## FFmpeg libraries (apt, when root), .venv, pip install -e '.[dev]' (fast when done)
+setup: $(STAMP)  ## FFmpeg libraries (apt, when root), .venv, pip install -c constraints.txt -e '.[dev]' (fast when done)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@if ! ldconfig -p 2>/dev/null | grep -q 'libavcodec\.so' || ! command -v ffmpeg >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "Installing FFmpeg (shared libraries for torchcodec) with apt-get"; \
@@ -49,7 +49,7 @@ $(STAMP): pyproject.toml
 	fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 test: setup  ## run the test suite
@@ -62,7 +62,7 @@ doctor: setup  ## check layout, FFmpeg, torch stack, GPU/NVML and weights for DA
 	$(ARENA) doctor --data $(DATA)
 
 features: setup  ## decode every video once and cache backbone features for every TTA variant
-	$(ARENA) features --data $(DATA) --cache $(CACHE) --models $(MODELS) --frames $(FRAMES) \
+	$(ARENA) features --data $(DATA) --cache $(CACHE) --frames $(FRAMES) \
 	  --device $(DEVICE) --workers $(WORKERS) $(WEIGHTS)
 
 tune-head: setup  ## Optuna trials on the attention head from the cache, then the 24/32/48 frame test
@@ -96,7 +96,7 @@ demo: setup $(DEMO_DATA)/test_public.csv  ## the whole chain on a generated data
 	$(ARENA) inspect --decode 8 $(DEMO_DATA)/train/real/real_0001.mp4 $(DEMO_DATA)/train/fake/fake_0001.mp4 \
 	  $(DEMO_DATA)/test/test_0001.mp4
 	$(ARENA) doctor --data $(DEMO_DATA) --expect none
-	$(ARENA) features --data $(DEMO_DATA) --cache $(DEMO_CACHE) --models $(DEMO_MODELS) --frames $(DEMO_FRAMES) \
+	$(ARENA) features --data $(DEMO_DATA) --cache $(DEMO_CACHE) --frames $(DEMO_FRAMES) \
 	  --workers $(WORKERS) $(DEMO_BACKBONE)
 	$(ARENA) tune-head --data $(DEMO_DATA) --cache $(DEMO_CACHE) --models $(DEMO_MODELS) --n-trials $(DEMO_TRIALS) \
 	  $(DEMO_TUNE_ARGS)

@@ -1,8 +1,8 @@
-"""Dataset layout, label parsing and the train/validation split file.
+"""Dataset layout and label parsing: which videos there are, with which labels (the split is `arena.split`).
 
 The seed's layout is::
 
-    <data>/train_labels.csv   filename + label columns (names vary, see FILENAME_COLUMNS / LABEL_COLUMNS)
+    <data>/train_labels.csv   filename + label columns (names vary: `arena.csvfile`)
     <data>/test_public.csv    filename column
     <data>/train/real/*.mp4   label 0
     <data>/train/fake/*.mp4   label 1
@@ -19,55 +19,31 @@ training impossible (or would read outside the data folder) and :func:`load_data
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import hashlib
-import io
-import json
-import logging
-import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-import numpy as np
-
-log = logging.getLogger(__name__)
+from arena.csvfile import is_utf8, parse_label, read_listing
+from arena.errors import DataError
 
 __all__ = [
-    "FILENAME_COLUMNS",
-    "LABEL_COLUMNS",
     "VIDEO_EXTENSIONS",
-    "DataError",
     "Dataset",
     "Issue",
     "LayoutReport",
     "ListedVideo",
-    "Split",
     "VideoItem",
     "load_dataset",
-    "load_split",
-    "make_split",
-    "parse_label",
-    "read_csv_rows",
     "scan_dataset",
 ]
 
-FILENAME_COLUMNS = ("filename", "file", "video", "name", "path")
-LABEL_COLUMNS = ("label", "target", "class", "is_fake")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp")
 TRAIN_CSV = "train_labels.csv"
 TEST_CSV = "test_public.csv"
-SPLIT_FILE = "split.json"
-_LABEL_WORDS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "real": 0, "fake": 1}
 _CLASS_FOLDERS = {"real": 0, "fake": 1}
 _MAX_EXAMPLES = 5  # per kind of problem in the printed report; the full list stays in report.issues
-
-
-class DataError(ValueError):
-    """The data folder or the split file cannot be used; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -189,13 +165,6 @@ class Dataset:
     report: LayoutReport
     test_listing: list[ListedVideo] = field(default_factory=list)
 
-    def get(self, key: str) -> VideoItem:
-        """The train or test item with this key; KeyError naming the key otherwise."""
-        index = {item.key: item for item in (*self.train, *self.test)}
-        if key not in index:
-            raise KeyError(f"no video with key {key!r} in {self.root}")
-        return index[key]
-
     def by_key(self) -> dict[str, VideoItem]:
         """Every train and test item by key (build it once when looking many keys up)."""
         return {item.key: item for item in (*self.train, *self.test)}
@@ -204,32 +173,7 @@ class Dataset:
         return f"Dataset(root={str(self.root)!r}, train={len(self.train)}, test={len(self.test)}, ok={self.report.ok})"
 
 
-# ----------------------------------------------------------------------------------------------- labels
-
-
-def parse_label(value: object) -> int | None:
-    """0/1 from ``0``, ``1``, ``"0"``, ``" FAKE "``, ``"real"`` ...; None for anything else."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, np.integer)):
-        return int(value) if value in (0, 1) else None
-    if isinstance(value, (float, np.floating)):
-        return int(value) if value in (0.0, 1.0) else None
-    if isinstance(value, str):
-        return _LABEL_WORDS.get(value.strip().lower())
-    return None
-
-
 # ------------------------------------------------------------------------------------------------ paths
-
-
-def _is_utf8(name: str) -> bool:
-    # os.listdir gives undecodable bytes as lone surrogates (surrogateescape); they cannot become cache keys.
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _inside(path: Path, real_root: Path) -> bool:
@@ -273,7 +217,7 @@ class _Scanner:
             if name.startswith("."):
                 continue
             shown = f"{rel}/{os.fsencode(name).decode('utf-8', 'backslashreplace')}"
-            if not _is_utf8(name):
+            if not is_utf8(name):
                 self.report.warn("non-utf8-name", f"{shown}: file name is not valid UTF-8; skipped (rename it)")
                 self.refused[shown] = self.report.issues[-1].message
                 continue
@@ -311,7 +255,7 @@ class _Scanner:
         """``train`` itself (label None) and its real/fake subfolders (any case), as (relative dir, label)."""
         out: list[tuple[str, int | None]] = [("train", None)]
         for entry in self._entries("train"):
-            if entry.is_dir() and not _is_utf8(entry.name):
+            if entry.is_dir() and not is_utf8(entry.name):
                 shown = os.fsencode(entry.name).decode("utf-8", "backslashreplace")
                 self.report.warn("non-utf8-name", f"train/{shown}: folder name is not valid UTF-8; skipped (rename it)")
             elif entry.is_dir() and entry.name.lower() in _CLASS_FOLDERS:
@@ -372,56 +316,15 @@ class _Scanner:
 def _read_csv(path: Path, report: LayoutReport, *, need_label: bool, level: str
               ) -> tuple[list[tuple[int, str, str | None]], bool]:
     """Rows (line number, file name, raw label) of a CSV, and whether the file could be used at all."""
-    add = report.error if level == "error" else report.warn
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        add("unreadable-csv", f"{path.name}: cannot be read ({e})")
+    listing = read_listing(path, need_label=need_label)
+    if listing.note:
+        report.notes.append(listing.note)
+    for kind, message in listing.skipped:
+        report.warn(kind, message)
+    if listing.problem is not None:
+        (report.error if level == "error" else report.warn)(*listing.problem)
         return [], False
-    # utf-8-sig: the BOM Excel writes is not part of the first column name. Undecodable bytes become lone
-    # surrogates so that one bad name skips one row, not the whole file.
-    text = raw.decode("utf-8-sig", errors="surrogateescape")
-    if not text.strip():
-        add("empty-csv", f"{path.name}: file is empty (no header, no rows)"
-            + ("; delete it to take labels from train/real and train/fake" if need_label else ""))
-        return [], False
-    try:
-        dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
-    except csv.Error:
-        dialect = csv.excel
-    reader = csv.reader(io.StringIO(text), dialect)
-    header = next(reader)
-    lowered = [h.strip().lower() for h in header]
-    fcol = next((lowered.index(c) for c in FILENAME_COLUMNS if c in lowered), None)
-    lcol = next((lowered.index(c) for c in LABEL_COLUMNS if c in lowered), None)
-    problems = []
-    if fcol is None:
-        problems.append(f"no file-name column (accepted: {', '.join(FILENAME_COLUMNS)})")
-    if need_label and lcol is None:
-        problems.append(f"no label column (accepted: {', '.join(LABEL_COLUMNS)})")
-    if problems:
-        add("wrong-columns", f"{path.name}: {' and '.join(problems)}, case-insensitive; columns found: "
-            f"{', '.join(repr(h) for h in header) or 'none'}")
-        return [], False
-    report.notes.append(f"{path.name}: file names from column {header[fcol]!r}"
-                        + (f", labels from column {header[lcol]!r}" if need_label else ""))
-    rows = []
-    for line_no, row in enumerate(reader, start=2):
-        if not any(cell.strip() for cell in row):
-            continue
-        fname = row[fcol] if fcol < len(row) else ""
-        label = row[lcol] if (lcol is not None and lcol < len(row)) else None
-        if not _is_utf8(fname):
-            shown = fname.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            report.warn("non-utf8-name", f"{path.name} row {line_no}: file name {shown!r} is not valid UTF-8; "
-                        "row skipped (save the CSV as UTF-8)")
-            continue
-        rows.append((line_no, fname, label))
-    if not rows:
-        add("empty-csv", f"{path.name}: header only, no rows"
-            + ("; delete it to take labels from train/real and train/fake" if need_label else ""))
-        return [], False
-    return rows, True
+    return listing.rows, True
 
 
 # ------------------------------------------------------------------------------------------------- scan
@@ -584,26 +487,6 @@ def _scan_test(root: Path, scanner: _Scanner, report: LayoutReport, *, require_t
     return [VideoItem(k, (root / k).resolve(), None, "test") for k in sorted(keys)], listing
 
 
-def read_csv_rows(path: str | os.PathLike, *, need_label: bool = False) -> list[tuple[int, str, str | None]]:
-    """Rows ``(line number, file name, raw label or None)`` of a CSV with the accepted column names.
-
-    The same reader the layout scan uses (column detection, BOM, delimiter sniffing, non-UTF-8 rows skipped).
-
-    Raises:
-        DataError: the file is missing, empty, or lacks the needed columns (the message lists those found).
-    """
-    path = Path(path)
-    report = LayoutReport(root=path.parent)
-    if not path.is_file():
-        raise DataError(f"{path}: CSV file not found")
-    rows, usable = _read_csv(path, report, need_label=need_label, level="error")
-    if not usable:
-        raise DataError(f"{path}: cannot be used: {'; '.join(report.errors)}")
-    for w in report.warnings:  # skipped rows are rare; log them rather than lose them silently
-        log.warning(w)
-    return rows
-
-
 def load_dataset(root: str | os.PathLike, *, require_test: bool = True) -> Dataset:
     """Scan a data folder and raise :class:`DataError` if anything makes training impossible.
 
@@ -616,127 +499,3 @@ def load_dataset(root: str | os.PathLike, *, require_test: bool = True) -> Datas
         raise DataError(f"data folder {dataset.root} cannot be used ({len(errors)} error(s)):\n  - {shown}\n"
                         "Run `arena doctor --data DIR` for the full report.")
     return dataset
-
-
-# ------------------------------------------------------------------------------------------------ split
-
-
-@dataclass
-class Split:
-    """The train/validation split of a dataset, as stored in ``path`` (sha256 of that file)."""
-
-    train: list[VideoItem]
-    val: list[VideoItem]
-    path: Path
-    sha256: str
-    seed: int = 42
-    val_fraction: float = 0.3
-
-    def __repr__(self) -> str:
-        return (f"Split(train={len(self.train)}, val={len(self.val)}, seed={self.seed}, "
-                f"val_fraction={self.val_fraction}, path={str(self.path)!r}, sha256={self.sha256[:12]}...)")
-
-    def counts(self) -> dict[str, int]:
-        """Videos per part and class: train_real, train_fake, val_real, val_fake."""
-        return {f"{part}_{cls}": sum(i.label == lab for i in items)
-                for part, items in (("train", self.train), ("val", self.val))
-                for cls, lab in (("real", 0), ("fake", 1))}
-
-
-def _check_fraction(val_fraction: float) -> None:
-    if not (isinstance(val_fraction, (int, float)) and 0.0 < val_fraction < 1.0):
-        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}; try 0.3")
-
-
-def _stratified(items: list[VideoItem], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    rng = np.random.default_rng(seed)
-    train_keys: list[str] = []
-    val_keys: list[str] = []
-    for label in (0, 1):
-        keys = sorted(i.key for i in items if i.label == label)
-        if len(keys) < 2:
-            raise DataError(f"cannot split: {len(keys)} {'fake' if label else 'real'} train video(s); "
-                            "each class needs at least 2")
-        # round half up, then keep at least one video of the class on each side
-        n_val = min(max(math.floor(len(keys) * val_fraction + 0.5), 1), len(keys) - 1)
-        order = rng.permutation(len(keys))
-        val_keys += [keys[j] for j in order[:n_val]]
-        train_keys += [keys[j] for j in order[n_val:]]
-    return sorted(train_keys), sorted(val_keys)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def make_split(dataset: Dataset, out_dir: str | os.PathLike, *, val_fraction: float = 0.3, seed: int = 42,
-               new: bool = False) -> Split:
-    """Stratified train/validation split, written once to ``out_dir/split.json`` and reused afterwards.
-
-    Args:
-        dataset: from :func:`load_dataset`.
-        out_dir: folder of the split file (created if needed).
-        val_fraction: share of each class that goes to validation (0.3 -> 420/180 for 300+300).
-        seed: seed of the permutation; the same dataset and seed give the same split.
-        new: overwrite an existing split file (``--new-split``).
-
-    Raises:
-        DataError: when an existing split file does not match the dataset, seed or fraction.
-    """
-    _check_fraction(val_fraction)
-    path = Path(out_dir) / SPLIT_FILE
-    if path.exists() and not new:
-        split = load_split(dataset, out_dir)
-        if split.seed != seed or not math.isclose(split.val_fraction, val_fraction):
-            raise DataError(f"{path} was made with seed={split.seed}, val_fraction={split.val_fraction}, but "
-                            f"seed={seed}, val_fraction={val_fraction} was asked; use the stored values, or delete "
-                            "the file (or pass --new-split) to regenerate it")
-        return split
-    train_keys, val_keys = _stratified(dataset.train, val_fraction, seed)
-    labels = {i.key: i.label for i in dataset.train}
-    doc = {
-        "format": "arena-split-v1",
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "train": {k: labels[k] for k in train_keys},
-        "val": {k: labels[k] for k in val_keys},
-    }
-    from arena._files import atomic_write_text
-
-    atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")  # a crash leaves old or new, never half
-    return load_split(dataset, out_dir)
-
-
-def load_split(dataset: Dataset, out_dir: str | os.PathLike) -> Split:
-    """Read ``out_dir/split.json`` and check it still matches the dataset (same train keys and labels).
-
-    Raises:
-        DataError: file missing or unreadable, or the dataset changed since the split was made.
-    """
-    path = Path(out_dir) / SPLIT_FILE
-    regenerate = f"delete {path} (or pass --new-split) to regenerate it"
-    if not path.is_file():
-        raise DataError(f"no split file at {path}; create it with `arena split --data {dataset.root} --out {out_dir}`")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        seed, fraction = int(doc["seed"]), float(doc["val_fraction"])
-        stored = {**{k: ("train", int(v)) for k, v in doc["train"].items()},
-                  **{k: ("val", int(v)) for k, v in doc["val"].items()}}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise DataError(f"{path}: not a valid split file ({type(e).__name__}: {e}); {regenerate}") from e
-    current = {i.key: i for i in dataset.train}
-    gone = sorted(set(stored) - set(current))
-    new = sorted(set(current) - set(stored))
-    relabelled = sorted(k for k in set(stored) & set(current) if stored[k][1] != current[k].label)
-    problems = []
-    for what, keys in (("in the split but no longer in the dataset", gone),
-                       ("in the dataset but not in the split", new), ("with a changed label", relabelled)):
-        if keys:
-            problems.append(f"{len(keys)} video(s) {what} (e.g. {', '.join(keys[:3])})")
-    if problems:
-        raise DataError(f"{path} no longer matches the dataset in {dataset.root}: {'; '.join(problems)}. "
-                        f"The dataset changed since the split was made; {regenerate} (cached features stay valid, "
-                        "tuned heads and their scores do not)")
-    train = [dataclasses.replace(current[k], split="train") for k in sorted(stored) if stored[k][0] == "train"]
-    val = [dataclasses.replace(current[k], split="val") for k in sorted(stored) if stored[k][0] == "val"]
-    return Split(train=train, val=val, path=path, sha256=_sha256(path), seed=seed, val_fraction=fraction)

@@ -19,12 +19,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from arena.errors import ArenaError, OptionError
+
+
+class DemoError(ArenaError, RuntimeError):
+    """The demo data cannot be written (no ffmpeg, or ffmpeg failed); the message says what to install or check."""
+
 
 def ffmpeg_binary() -> str:
     """Return the ffmpeg executable, or raise with what to install."""
     exe = shutil.which("ffmpeg")
     if exe is None:
-        raise RuntimeError("ffmpeg not found on PATH. Install it (Debian/Ubuntu: apt-get install -y ffmpeg).")
+        raise DemoError("ffmpeg not found on PATH. Install it (Debian/Ubuntu: apt-get install -y ffmpeg).")
     return exe
 
 
@@ -71,7 +77,7 @@ def write_video(
     cmd += [*extra_args, str(path)]
     proc = subprocess.run(cmd, input=frames.tobytes(), capture_output=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"ffmpeg could not write {path}: {proc.stderr.decode(errors='replace').strip()}")
+        raise DemoError(f"ffmpeg could not write {path}: {proc.stderr.decode(errors='replace').strip()}")
     return path
 
 
@@ -135,20 +141,20 @@ class DemoConfig:
         for name in ("n_train_real", "n_train_fake", "n_test"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+                raise OptionError(f"{name} must be an integer >= 0, got {value!r}.")
         if self.n_train_real + self.n_train_fake + self.n_test == 0:
-            raise ValueError("Nothing to generate: n_train_real, n_train_fake and n_test are all 0.")
+            raise OptionError("Nothing to generate: n_train_real, n_train_fake and n_test are all 0.")
         h, w = self.size
         if h < 32 or w < 32 or h % 2 or w % 2:
-            raise ValueError(f"size must be (height, width), both even and >= 32, got {self.size!r}. Try (128, 128).")
+            raise OptionError(f"size must be (height, width), both even and >= 32, got {self.size!r}. Try (128, 128).")
         if not 0 < self.fps <= 120:
-            raise ValueError(f"fps must be in (0, 120], got {self.fps!r}.")
+            raise OptionError(f"fps must be in (0, 120], got {self.fps!r}.")
         if self.num_frames < 2:
-            raise ValueError(f"seconds * fps must give at least 2 frames, got {self.seconds!r} s at {self.fps!r} fps.")
+            raise OptionError(f"seconds * fps must give at least 2 frames, got {self.seconds!r} s at {self.fps!r} fps.")
         if not 0.0 <= self.difficulty <= 1.0:
-            raise ValueError(f"difficulty must be in [0, 1] (0 obvious, 1 subtle), got {self.difficulty!r}.")
+            raise OptionError(f"difficulty must be in [0, 1] (0 obvious, 1 subtle), got {self.difficulty!r}.")
         if not 0 <= self.crf <= 51:
-            raise ValueError(f"crf must be in [0, 51], got {self.crf!r}.")
+            raise OptionError(f"crf must be in [0, 51], got {self.crf!r}.")
 
     @property
     def num_frames(self) -> int:
@@ -158,7 +164,7 @@ class DemoConfig:
     def from_preset(cls, preset: Preset = "demo", **overrides: Any) -> DemoConfig:
         """Preset defaults, with every non-``None`` override applied."""
         if preset not in PRESETS:
-            raise ValueError(f"Unknown preset {preset!r}. Supported values are {', '.join(PRESETS)}.")
+            raise OptionError(f"Unknown preset {preset!r}. Supported values are {', '.join(PRESETS)}.")
         values = dict(PRESETS[preset])
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["size"] = tuple(int(v) for v in values["size"])
@@ -523,10 +529,10 @@ def generate_dataset(
                                     difficulty=difficulty, crf=crf, paired=paired)
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder. Choose another OUT.")
+        raise OptionError(f"{out} exists and is not a folder. Choose another OUT.")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out} is not empty. Choose an empty folder or pass overwrite=True (--force).")
+            raise OptionError(f"{out} is not empty. Choose an empty folder or pass overwrite=True (--force).")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("train/real", "train/fake", "test"):

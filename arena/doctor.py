@@ -14,11 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["DEFAULT_BACKBONE", "COMPETITION_COUNTS", "Check", "DoctorResult", "run_doctor", "sniff_container",
-           "weights_status"]
+from huggingface_hub import try_to_load_from_cache
 
-# Same default as arena.model (not imported from there: model imports this module, and doctor must stay light).
-DEFAULT_BACKBONE = "inception_resnet_v2.tf_in1k"
+from arena.data import scan_dataset
+from arena.limits import DEFAULT_BACKBONE
+
+# torch, torchcodec and timm are imported inside the checks on purpose: reporting that they do not import (or
+# cannot load FFmpeg) is what the doctor is for, so a broken stack must not break importing this module.
+
+__all__ = ["COMPETITION_COUNTS", "Check", "DoctorResult", "run_doctor", "sniff_container", "weights_status"]
+
 COMPETITION_COUNTS = (300, 300, 200)  # real train, fake train, test of the real competition
 _HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -103,17 +108,12 @@ def weights_status(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike | No
         what = "is empty" if path.is_file() else ("is a folder" if path.is_dir() else "does not exist")
         return False, f"weights file {str(path)!r} {what}; give a .safetensors/.pth state_dict of {name}"
     repo_files, url = _hub_locations(name)
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        try_to_load_from_cache = None
-    if try_to_load_from_cache is not None:
-        for repo_id, filename in repo_files:
-            repo_id, _, revision = repo_id.partition("@")
-            # A pure file-system lookup (refs/ + snapshots/): no HEAD request, so no hub retries offline.
-            found = try_to_load_from_cache(repo_id, filename, cache_dir=hf_cache_dir, revision=revision or None)
-            if isinstance(found, str) and os.path.isfile(found):
-                return True, f"hf-cache:{found}"
+    for repo_id, filename in repo_files:
+        repo_id, _, revision = repo_id.partition("@")
+        # A pure file-system lookup (refs/ + snapshots/): no HEAD request, so no hub retries offline.
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=hf_cache_dir, revision=revision or None)
+        if isinstance(found, str) and os.path.isfile(found):
+            return True, f"hf-cache:{found}"
     if url:
         try:
             import torch.hub
@@ -158,8 +158,6 @@ def sniff_container(path: str | os.PathLike) -> str | None:
 
 
 def _check_data(data: Path, expect: tuple[int, int, int] | None, result: DoctorResult) -> None:
-    from arena.data import scan_dataset
-
     try:
         ds = scan_dataset(data)
     except OSError as e:  # the scan reports bad content itself; this is the file system failing under it

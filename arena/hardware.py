@@ -20,7 +20,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import pynvml
 import torch
+
+from arena.errors import OptionError, OutOfMemoryAfterFallback
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +46,6 @@ def _nvml_handle(device_index: int) -> Any:
     CUDA and NVML may number devices differently (CUDA_VISIBLE_DEVICES, PCI order), so the device is looked
     up by its UUID when torch can tell it; NVML's own index is the fallback.
     """
-    import pynvml
-
     pynvml.nvmlInit()
     if torch.cuda.is_available():
         try:
@@ -58,8 +59,6 @@ def _nvml_handle(device_index: int) -> Any:
 def nvml_readers(device_index: int = 0) -> tuple[TempReader, MemReader] | str:
     """Return (temperature reader, memory reader) for a GPU, or a string saying why NVML is unavailable."""
     try:
-        import pynvml
-
         handle = _nvml_handle(device_index)
     except Exception as exc:  # noqa: BLE001 - any NVML failure means "no guard", never a crash
         return f"{type(exc).__name__}: {exc}"
@@ -134,12 +133,13 @@ class GpuGuard:
         log: Callable[[str], None] | None = None,
     ) -> None:
         if not temp_resume_c < temp_pause_c:
-            raise ValueError(
-                f"temp_resume_c ({temp_resume_c}) must be below temp_pause_c ({temp_pause_c}); "
-                "e.g. pause at 78 and resume at 72."
+            raise OptionError(
+                f"temp_resume_c (--temp-resume {temp_resume_c}) must be below temp_pause_c (--temp-pause "
+                f"{temp_pause_c}); e.g. pause at 78 and resume at 72."
             )
         if not 0.0 < vram_warn_frac <= 1.0:
-            raise ValueError(f"vram_warn_frac must be in (0, 1], got {vram_warn_frac}; e.g. 0.9 for 90 %.")
+            raise OptionError(f"vram_warn_frac (--vram-warn) must be in (0, 1], got {vram_warn_frac}; "
+                              "e.g. 0.9 for 90 %.")
         if poll_seconds <= 0:
             raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}.")
         self.temp_pause_c = float(temp_pause_c)
@@ -267,10 +267,6 @@ def halving_schedule(start: int, *, minimum: int = 4) -> list[int]:
     return out
 
 
-class OutOfMemoryAfterFallback(RuntimeError):
-    """Every size in the fallback schedule ran out of memory."""
-
-
 def run_with_oom_fallback(
     fn: Callable[[T], R],
     schedule: Iterable[T],
@@ -342,8 +338,6 @@ def hardware_summary() -> dict:
                  "capability": f"{props.major}.{props.minor}"}
             )
         try:
-            import pynvml
-
             pynvml.nvmlInit()
             driver = pynvml.nvmlSystemGetDriverVersion()
             info["driver"] = driver.decode() if isinstance(driver, bytes) else str(driver)

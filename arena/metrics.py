@@ -1,7 +1,8 @@
 """Binary classification metrics on P(fake), shared by tuning, training, evaluation and submission checks.
 
-Labels are 0 (real) / 1 (fake); scores are probabilities of class 1. Everything is plain numpy in float64 so
-the numbers do not depend on torch's thread count or device.
+Labels are 0 (real) / 1 (fake); scores are probabilities of class 1. The numbers are scikit-learn's (as in the seed
+project), computed on float64 numpy arrays so they do not depend on torch's thread count or device; this module
+adds the input checks, the log-loss clipping and AUC's one-class rule (None in `summary`, an error in `auc`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
+from sklearn.metrics import log_loss as sk_log_loss
 
 # Probabilities are clipped to [EPS, 1 - EPS] before the log: one confident mistake then costs ~16 nats
 # instead of inf, which keeps an Optuna objective finite (the same convention as common leaderboard scorers).
@@ -35,7 +38,7 @@ def _check(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def auc(y: Any, p: Any) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties).
+    """Area under the ROC curve (scikit-learn's ``roc_auc_score``; tied scores count one half).
 
     Raises:
         ValueError: only one class present (AUC is undefined), or invalid inputs.
@@ -45,46 +48,37 @@ def auc(y: Any, p: Any) -> float:
     n_neg = y_arr.size - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"AUC needs both classes; got {n_pos} fake and {n_neg} real sample(s).")
-    order = np.argsort(p_arr, kind="mergesort")
-    sorted_p = p_arr[order]
-    ranks = np.empty(p_arr.size, dtype=np.float64)
-    # Average rank (1-based) within each run of tied scores.
-    starts = np.flatnonzero(np.r_[True, sorted_p[1:] != sorted_p[:-1]])
-    ends = np.r_[starts[1:], sorted_p.size]
-    avg = (starts + ends + 1) / 2.0
-    ranks[order] = np.repeat(avg, ends - starts)
-    u = ranks[y_arr == 1].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return float(roc_auc_score(y_arr, p_arr))
 
 
 def log_loss(y: Any, p: Any, *, eps: float = EPS) -> float:
-    """Mean binary cross-entropy in nats, with probabilities clipped to ``[eps, 1 - eps]``."""
+    """Mean binary cross-entropy in nats (scikit-learn's ``log_loss``), probabilities clipped to ``[eps, 1 - eps]``."""
     y_arr, p_arr = _check(y, p)
-    q = np.clip(p_arr, eps, 1.0 - eps)
-    return float(-np.mean(y_arr * np.log(q) + (1 - y_arr) * np.log1p(-q)))
+    return float(sk_log_loss(y_arr, np.clip(p_arr, eps, 1.0 - eps), labels=[0, 1]))
+
+
+def _predicted(p_arr: np.ndarray, threshold: float) -> np.ndarray:
+    return (p_arr >= threshold).astype(np.int64)  # "fake" when p >= threshold
 
 
 def confusion(y: Any, p: Any, *, threshold: float = 0.5) -> dict[str, int]:
-    """Counts ``tn, fp, fn, tp`` with "fake" predicted when ``p >= threshold``."""
+    """Counts ``tn, fp, fn, tp`` (scikit-learn's ``confusion_matrix``) with "fake" predicted when ``p >= threshold``."""
     y_arr, p_arr = _check(y, p)
-    pred = p_arr >= threshold
-    pos = y_arr == 1
-    return {"tn": int((~pred & ~pos).sum()), "fp": int((pred & ~pos).sum()),
-            "fn": int((~pred & pos).sum()), "tp": int((pred & pos).sum())}
+    tn, fp, fn, tp = confusion_matrix(y_arr, _predicted(p_arr, threshold), labels=[0, 1]).ravel()
+    return {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)}
 
 
 def accuracy(y: Any, p: Any, *, threshold: float = 0.5) -> float:
-    """Share of samples whose thresholded prediction equals the label."""
-    c = confusion(y, p, threshold=threshold)
-    return (c["tp"] + c["tn"]) / sum(c.values())
+    """Share of samples whose thresholded prediction equals the label (scikit-learn's ``accuracy_score``)."""
+    y_arr, p_arr = _check(y, p)
+    return float(accuracy_score(y_arr, _predicted(p_arr, threshold)))
 
 
 def f1(y: Any, p: Any, *, threshold: float = 0.5) -> float:
-    """F1 of the fake class (1); 0.0 when there is no true positive (also when nothing is fake)."""
-    c = confusion(y, p, threshold=threshold)
-    if c["tp"] == 0:
-        return 0.0
-    return 2 * c["tp"] / (2 * c["tp"] + c["fp"] + c["fn"])
+    """F1 of the fake class (scikit-learn's ``f1_score``); 0.0 when there is no true positive (also when nothing is
+    fake)."""
+    y_arr, p_arr = _check(y, p)
+    return float(f1_score(y_arr, _predicted(p_arr, threshold), labels=[0, 1], pos_label=1, zero_division=0.0))
 
 
 def mean_confidence(p: Any) -> float:

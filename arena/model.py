@@ -11,26 +11,24 @@ import functools
 import hashlib
 import math
 import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+import timm
 import torch
-import torch.nn.functional as F
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-DEFAULT_BACKBONE = "inception_resnet_v2.tf_in1k"
+from arena.errors import OptionError, WeightsUnavailable
+from arena.limits import DEFAULT_BACKBONE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 # Smallest input the architecture accepts (its stem and reduction blocks run out of pixels below this).
 # timm's pretrained configs rarely carry ``min_input_size``, so known architectures are listed here.
 _KNOWN_MIN_INPUT = {"inception_resnet_v2": 75, "inception_v3": 75, "inception_v4": 75}
-_DEFAULT_MIN_INPUT = 32
-_MAX_INPUT = 2048
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-
-
-class WeightsUnavailable(RuntimeError):
-    """Pretrained weights were asked for but cannot be had without the network (or the file is unusable)."""
 
 
 def _weights_help(name: str, hub_id: str | None = None) -> str:
@@ -52,7 +50,7 @@ def _min_input_size(name: str, pretrained_cfg: Any) -> int:
     if arch in _KNOWN_MIN_INPUT:
         return _KNOWN_MIN_INPUT[arch]
     cfg_min = getattr(pretrained_cfg, "min_input_size", None) if pretrained_cfg is not None else None
-    return int(cfg_min[-1]) if cfg_min else _DEFAULT_MIN_INPUT
+    return int(cfg_min[-1]) if cfg_min else MIN_IMAGE_SIZE
 
 
 def _hub_reachable(timeout_s: float = 2.0) -> bool:
@@ -62,9 +60,6 @@ def _hub_reachable(timeout_s: float = 2.0) -> bool:
     """
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
-    import socket
-    from urllib.parse import urlparse
-
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
         with socket.create_connection((host, 443), timeout=timeout_s):
@@ -79,8 +74,6 @@ def _cached_hub_file(name: str, pretrained_cfg: Any) -> str | None:
         return None
     hub_id = getattr(pretrained_cfg, "hf_hub_id", None)
     if hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
         repo_id, _, revision = hub_id.partition("@")
         filenames = [pretrained_cfg.hf_hub_filename] if pretrained_cfg.hf_hub_filename else []
         filenames += ["model.safetensors", "pytorch_model.bin"]
@@ -124,7 +117,6 @@ class FrameEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.channels_last = False
-        self._own_checkpointing = False
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """Encode frames.
@@ -169,7 +161,6 @@ class FrameEncoder(nn.Module):
                     module.forward = functools.partial(_checkpointed_sequential, module)
                 elif "forward" in module.__dict__:
                     del module.forward
-        self._own_checkpointing = use_own
 
     def weights_hash(self) -> str:
         """sha256 over every state_dict entry (sorted names, dtype, shape, bytes); stable across processes."""
@@ -180,19 +171,6 @@ class FrameEncoder(nn.Module):
             h.update(str(tuple(value.shape)).encode())
             h.update(_tensor_bytes(value))
         return h.hexdigest()
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-able preprocessing + weights identity, keyed like the cache's Provenance fields."""
-        return {
-            "backbone": self.name,
-            "weights_source": self.weights_source,
-            "weights_hash": self.weights_hash(),
-            "input_size": list(self.input_size),
-            "mean": [float(v) for v in self.mean.flatten()],
-            "std": [float(v) for v in self.std.flatten()],
-            "interpolation": self.interpolation,
-            "feature_dim": self.feature_dim,
-        }
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, feature_dim={self.feature_dim}, input_size={self.input_size}, "
@@ -238,12 +216,10 @@ def create_encoder(name: str = DEFAULT_BACKBONE, *, pretrained: bool = True, wei
 
     Raises:
         WeightsUnavailable: pretrained weights are not cached locally, or the weights file cannot be loaded.
-        ValueError: unknown model name or an image size outside the allowed range.
+        OptionError: unknown model name or an image size outside the allowed range.
     """
-    import timm
-
     if not timm.is_model(name):
-        raise ValueError(f"Unknown timm model {name!r}. Try e.g. {DEFAULT_BACKBONE!r}, 'resnet18' or 'test_resnet' "
+        raise OptionError(f"Unknown timm model {name!r}. Try e.g. {DEFAULT_BACKBONE!r}, 'resnet18' or 'test_resnet' "
                          "(see timm.list_models()).")
     pretrained_cfg = timm.models.get_pretrained_cfg(name) if "." in name else None
     if pretrained_cfg is None:
@@ -253,8 +229,8 @@ def create_encoder(name: str = DEFAULT_BACKBONE, *, pretrained: bool = True, wei
             pretrained_cfg = None
 
     min_size = _min_input_size(name, pretrained_cfg)
-    if image_size is not None and not (min_size <= int(image_size) <= _MAX_INPUT):
-        raise ValueError(f"image_size={image_size} is not allowed for {name}: use {min_size}..{_MAX_INPUT} px "
+    if image_size is not None and not (min_size <= int(image_size) <= MAX_IMAGE_SIZE):
+        raise OptionError(f"image_size={image_size} is not allowed for {name}: use {min_size}..{MAX_IMAGE_SIZE} px "
                          f"(the model's default is {pretrained_cfg.input_size[-1] if pretrained_cfg else 'unknown'}).")
 
     kwargs: dict[str, Any] = {"num_classes": 0}
@@ -407,35 +383,24 @@ class DetectorHead(nn.Module):
 
 
 class Detector(nn.Module):
-    """Encoder + head over clips ``[B, T, 3, H, W]``.
-
-    ``frame_chunk`` (default None = all at once) runs the encoder over at most that many frames at a time; it
-    bounds peak memory in inference. With gradients, use ``encoder.set_grad_checkpointing(True)`` instead.
+    """Encoder + head over clips ``[B, T, 3, H, W]`` (fine-tuning; with gradients, bound memory with
+    ``encoder.set_grad_checkpointing(True)``; inference encodes in frame batches with `arena.clips.encode_views`).
     """
 
-    def __init__(self, encoder: FrameEncoder, head: DetectorHead, *, frame_chunk: int | None = None) -> None:
+    def __init__(self, encoder: FrameEncoder, head: DetectorHead) -> None:
         super().__init__()
         if encoder.feature_dim != head.dim:
             raise ValueError(f"encoder gives {encoder.feature_dim}-d features but the head expects {head.dim}.")
         self.encoder = encoder
         self.head = head
-        self.frame_chunk = frame_chunk
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, T, 3, H, W]`` → features ``[B, T, d]``."""
         if frames.ndim != 5:
             raise ValueError(f"Detector expects frames [B, T, 3, H, W]; got shape {tuple(frames.shape)}.")
         b, t = frames.shape[:2]
-        flat = frames.flatten(0, 1)
-        chunk = self.frame_chunk or flat.shape[0]
-        feats = torch.cat([self.encoder(flat[i:i + chunk]) for i in range(0, flat.shape[0], chunk)])
-        return feats.reshape(b, t, -1)
+        return self.encoder(frames.flatten(0, 1)).reshape(b, t, -1)
 
     def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``frames`` uint8 ``[B, T, 3, H, W]``, ``mask [B, T]`` → ``(logits [B, 2], attention [B, T])``."""
         return self.head(self.encode(frames), mask)
-
-
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """P(fake) per clip from ``[B, 2]`` logits (class 1 = fake)."""
-    return F.softmax(logits.float(), dim=-1)[:, 1]

@@ -1,45 +1,103 @@
-"""Device and precision choices shared by every stage (features, training, submission)."""
+"""The one device and precision policy of every stage (features, head tuning, fine-tuning, submission, evaluation).
+
+Device: ``auto`` (the first CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+Precision (autocast dtype): ``auto`` uses bf16 where the hardware runs it natively (CUDA GPUs with bf16,
+CPUs with AVX512-BF16/AMX), fp16 on older CUDA GPUs, and float32 elsewhere; ``fp32``, ``bf16`` and ``fp16`` force
+one (``fp16`` only on CUDA). Training with fp16 needs a gradient scaler (`needs_grad_scaler`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Literal
 
 import torch
 
-DeviceName = Literal["auto", "cpu", "cuda"]
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+from arena.errors import OptionError
+
+DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda)(:(\d+))?$")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """Turn ``auto|cpu|cuda[:i]`` into a torch device, refusing what this machine cannot do.
+def check_device_name(name: str) -> str:
+    """``name`` when it has the form auto|cpu|cuda|cuda:N (it may still be unavailable here), else `OptionError`."""
+    m = _DEVICE_RE.match(str(name))
+    if not m or (m.group(2) and m.group(1) != "cuda"):
+        raise OptionError(f"Invalid device ({name}). Supported values are {DEVICE_HELP}.")
+    return str(name)
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """Turn ``auto|cpu|cuda|cuda:N`` into a torch device, refusing what this machine cannot do.
 
     Raises:
-        ValueError: unknown name, or ``cuda`` asked for on a machine without a CUDA GPU.
+        OptionError: unknown name, ``cuda`` on a machine without a CUDA GPU, or ``cuda:N`` beyond the GPUs present.
     """
-    base = name.split(":")[0]
-    if base not in DEVICE_CHOICES:
-        raise ValueError(f"Invalid device ({name}). Supported values are {', '.join(DEVICE_CHOICES)}.")
-    if base == "auto":
+    if isinstance(name, torch.device):
+        return name
+    check_device_name(name)
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if base == "cuda" and not torch.cuda.is_available():
-        raise ValueError("Device cuda was asked for but no CUDA GPU is visible; use --device cpu or --device auto.")
-    return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise OptionError(f"Device {name} was asked for but no CUDA GPU is visible; use --device cpu or --device auto.")
+    dev = torch.device(name)
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise OptionError(f"Device {name} does not exist: {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                          f"(cuda:0..cuda:{torch.cuda.device_count() - 1}).")
+    return dev
 
 
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype that pays on this device: fp16 on CUDA, bf16 on a CPU that supports it, else None."""
-    if device.type == "cuda":
+def _cpu_has_native_bf16() -> bool:
+    # oneDNN reports bf16 support only with native AVX512-BF16/AMX instructions; emulated bf16 would be slower.
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None means plain float32.
+
+    Raises:
+        OptionError: an unknown precision, or fp16 on a CPU.
+    """
+    if precision == "off":  # the spelling of train-full's --amp off
+        precision = "fp32"
+    if precision not in PRECISIONS:
+        raise OptionError(f"Invalid precision ({precision}). Supported values are {', '.join(PRECISIONS)}.")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise OptionError("fp16 needs a CUDA device; on a CPU use bf16 or fp32.")
         return torch.float16
-    if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        # bf16 autocast on CPU is ~2.5x faster for this backbone on AVX-512/AMX CPUs and still correct elsewhere.
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and _cpu_has_native_bf16():
         return torch.bfloat16
     return None
 
 
-def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """Autocast context for inference/training on ``device`` (a no-op when disabled or unsupported)."""
-    dtype = amp_dtype(device) if enabled else None
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """Autocast context for ``precision`` on ``device`` (a no-op for float32)."""
+    dtype = autocast_dtype(device, precision)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def needs_grad_scaler(dtype: torch.dtype | None) -> bool:
+    """fp16 gradients underflow without loss scaling; bf16 and float32 do not need it."""
+    return dtype == torch.float16
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``bf16``/``fp16``/``fp32``: how a resolved precision is written in summaries and checkpoints."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")

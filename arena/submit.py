@@ -1,37 +1,60 @@
-"""The submission CSV: formatting, validation, crash-safe writing, and verification against the feature cache.
+"""The submission CSV: test order, formatting, validation, crash-safe writing, and the whole `arena submit`.
 
 The CSV is the output that counts, so it is only ever replaced by a file that passed every check: the text is
-built in memory, validated check by check, written to a temporary file beside the target, fsynced, and renamed
-over the target with ``os.replace`` (atomic on POSIX). A crash or ``kill -9`` at any moment therefore leaves
-either the previous complete CSV or the new complete one, never a partial file.
+built in memory, validated check by check and written with `arena._files.atomic_write_text` (temporary file
+beside the target, fsync, ``os.replace``, fsync of the folder). A crash or ``kill -9`` at any moment therefore
+leaves either the previous complete CSV or the new complete one, never a partial file.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import math
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
-if TYPE_CHECKING:
-    from arena.predict import LoadedModel, VideoPrediction
+from arena._files import atomic_write_text
+from arena.data import Dataset, load_dataset
+from arena.errors import SubmissionError
+from arena.predict import ModelKind, VideoPrediction, failed_prediction, load_model, predict_items
+from arena.runtime import Precision, resolve_device
+from arena.verify import VerifyResult, open_verify_cache, verify_against_cache
 
 HEADER = ("filename", "label", "probability")
 PROBABILITY_DIGITS = 6  # fixed digits: same predictions -> byte-identical file
-VERIFY_TOLERANCE = 1e-3
+DETAIL_FILE = "predictions_detail.csv"
 
 
-class SubmissionError(RuntimeError):
-    """The submission could not be produced or did not pass validation / verification."""
+# ----------------------------------------------------------------------------------------------------------------
+# Test order
+
+
+@dataclass(frozen=True)
+class SubmissionRow:
+    """One row of ``test_public.csv``: the name as written there and the video's key (None when missing)."""
+
+    filename: str
+    key: str | None
+    problem: str = ""
+
+
+def submission_rows(dataset: Dataset) -> list[SubmissionRow]:
+    """Rows of the submission: ``test_public.csv``'s names in its order (first occurrence of each), mapped to keys.
+
+    Names whose video the data layer skipped (missing, empty, refused) keep their row with ``key=None`` and the
+    reason, so the submission never drops a row. Without ``test_public.csv``: every test video, by key.
+    """
+    return [SubmissionRow(v.name, v.key, v.problem) for v in dataset.test_listing]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The CSV
 
 
 def label_and_confidence(p_fake: float) -> tuple[int, float]:
@@ -148,53 +171,6 @@ def check_submission(
     return checks
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` so that readers only ever see the old or the new complete file.
-
-    Temporary file in the same folder (same file system, so the rename is atomic), fsync of the data,
-    ``os.replace``, then fsync of the folder so the rename itself survives a power loss.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # some file systems do not allow opening a folder; the data itself is already synced
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-    return path
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete temporary files a killed writer left beside ``path`` (their pid is no longer running)."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid_text = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-            continue  # that writer is still running
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except PermissionError:  # a live process of another user
-            continue
-
-
 def detail_csv(predictions: Sequence[VideoPrediction], filenames: Sequence[str], variants: Sequence[str]) -> str:
     """``predictions_detail.csv``: p_fake, per-variant p_fake, frames used, fallback and status/error per video."""
     buf = io.StringIO()
@@ -250,7 +226,7 @@ def write_submission(
         SubmissionError: a failed check; nothing was written, the previous CSV is untouched.
     """
     out = Path(out)
-    detail_path = Path(detail_path) if detail_path is not None else out.parent / "predictions_detail.csv"
+    detail_path = Path(detail_path) if detail_path is not None else out.parent / DETAIL_FILE
     if len(predictions) != len(filenames):
         raise SubmissionError(f"{len(predictions)} predictions for {len(filenames)} test videos: a row was dropped.")
     text = format_submission(filenames, [p.p_fake for p in predictions])
@@ -264,212 +240,17 @@ def write_submission(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Verification: the full-video path against the cache path
-
-
-@dataclass
-class VerifyResult:
-    """Outcome of ``verify_against_cache``.
-
-    Attributes:
-        mode: ``cache-features`` (same weights: p_fake from cached features vs the full path) or ``finetuned``
-            (the backbone changed: cache encoder on the full path's frames vs cached features, and the head on the
-            full path's own features through the cache-path logic vs the full path).
-        keys: the videos compared.
-        max_abs_diff: largest |p_fake difference| (the criterion, tolerance ``tolerance``).
-        max_feature_diff: finetuned mode: largest |feature difference| relative to the feature scale.
-        skipped: videos not compared, with reasons (failed decode, not in cache, a fallback changed the frames).
-        lines: human-readable report.
-    """
-
-    mode: str
-    keys: list[str]
-    max_abs_diff: float
-    tolerance: float
-    max_feature_diff: float | None = None
-    skipped: dict[str, str] = field(default_factory=dict)
-    lines: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.keys) and self.max_abs_diff <= self.tolerance and (
-            self.max_feature_diff is None or self.max_feature_diff <= self.tolerance * 10
-        )
-
-
-def sample_keys(keys: Sequence[str], n: int | None, *, seed: int) -> list[str]:
-    """``n`` keys drawn without replacement with ``seed`` (all of them when n is None or >= len), in input order."""
-    keys = list(keys)
-    if n is None or n >= len(keys):
-        return keys
-    if n < 1:
-        raise SubmissionError(f"--verify-sample must be >= 1, got {n}.")
-    pick = np.random.default_rng(seed).choice(len(keys), size=n, replace=False)
-    return [keys[i] for i in sorted(pick)]
-
-
-def open_verify_cache(model: LoadedModel, cache_path: str | Path):
-    """Open the cache ``--verify`` names and check it can verify this model (frame count, variants, weights).
-
-    Called before predicting, so a wrong cache fails in seconds, not after the whole test set.
-    """
-    from arena.cache import CacheError, FeatureCache
-
-    try:
-        cache = FeatureCache.open(cache_path)
-    except (CacheError, OSError) as exc:
-        raise SubmissionError(f"--verify {cache_path}: {exc}") from exc
-    prov = cache.provenance
-    k = model.frames
-    if k not in tuple(prov.frame_counts):
-        raise SubmissionError(
-            f"Cannot verify against {cache_path}: it holds frame counts {tuple(prov.frame_counts)}, the submission "
-            f"uses {k} frames. Rebuild the cache with --frames including {k}, or submit with --frames "
-            f"{prov.frame_counts[0]}."
-        )
-    missing_variants = [v for v in model.variants if v not in tuple(prov.variants)]
-    if missing_variants:
-        raise SubmissionError(
-            f"Cannot verify against {cache_path}: variants {missing_variants} are not in the cache "
-            f"(it has {tuple(prov.variants)}). Rebuild the cache with TTA, or submit with --no-tta."
-        )
-    if model.kind == "head-only" and model.encoder.weights_hash() != prov.weights_hash:
-        raise SubmissionError(
-            f"Cannot verify against {cache_path}: the submission encoder's weights hash "
-            f"{model.encoder.weights_hash()[:12]} differs from the cache's {prov.weights_hash[:12]} (the head was "
-            "tuned on another cache?). Pass the cache tune-head used."
-        )
-    return cache
-
-
-def verify_against_cache(
-    model: LoadedModel,
-    cache_path: str | Path,
-    predictions: Sequence[VideoPrediction],
-    *,
-    items: Sequence,
-    sample: int | None = 8,
-    seed: int = 0,
-    device: str | None = None,
-    workers: int = 0,
-    batch_size: int = 64,
-    amp: bool = True,
-    tolerance: float = VERIFY_TOLERANCE,
-) -> VerifyResult:
-    """Prove the full-video path and the cache path compute the same thing, on a sample of test videos.
-
-    Same weights (head-only model, encoder identical to the cache's): p_fake recomputed from the cached features
-    of every variant with the same head must equal the full path's p_fake within ``tolerance``. This proves the
-    decode, frame indices, TTA, resize and normalisation of both paths agree (else the features would differ).
-
-    Fine-tuned backbone (features not in the cache): (1) the cache's encoder, recreated from the cache's
-    provenance (weights hash checked), is run on the frames the full path decodes and compared with the cached
-    features: this proves decode/TTA/preprocess equality; (2) the fine-tuned head is applied to the full path's
-    own features through the cache-path logic (float16 storage round trip, per-k mask, variant averaging) and
-    compared with the full path's p_fake: this proves the head part of both paths agree.
-    """
-    from arena.predict import head_probabilities, recreate_encoder
-    from arena.runtime import resolve_device
-
-    dev = resolve_device(device or "auto") if isinstance(device, str) or device is None else device
-    cache = open_verify_cache(model, cache_path)
-    prov = cache.provenance
-    by_key = {p.key: p for p in predictions}
-    item_by_key = {it.key: it for it in items}
-    cached = set(cache.keys)
-    variants = tuple(model.variants)
-    skipped: dict[str, str] = {}
-    k = model.frames
-    candidates = []
-    for key, pred in by_key.items():
-        if key not in cached:
-            skipped[key] = "not in the cache"
-        elif pred.status == "failed" or pred.fallback != "none" or pred.frames_used != k:
-            skipped[key] = f"full path used a fallback ({pred.fallback}, status {pred.status})"
-        elif cache.status(key) == "failed":
-            skipped[key] = "failed in the cache"
-        else:
-            candidates.append(key)
-    keys = sample_keys(candidates, sample, seed=seed)
-    lines = []
-    if model.kind == "head-only":
-        diffs = []
-        for key in keys:
-            feats, mask = _cached_views(cache, key, k, variants)
-            p_var, _ = head_probabilities(model.head, feats, mask, device=dev, round_fp16=False)
-            p_cache = float(np.mean(p_var))
-            diffs.append(abs(p_cache - by_key[key].p_fake))
-        max_diff = max(diffs, default=float("inf"))
-        result = VerifyResult("cache-features", keys, max_diff, tolerance, skipped=skipped)
-        lines.append(
-            f"verify (same weights {prov.weights_hash[:12]}): p_fake from cached features vs full path on "
-            f"{len(keys)} videos: max |diff| = {max_diff:.2e} (tolerance {tolerance:.0e})"
-        )
-    else:
-        from arena.features import ClipDataset, encode_views
-
-        enc = recreate_encoder(prov, device=dev)
-        sub_items = [item_by_key[key] for key in keys]
-        ds = ClipDataset(sub_items, size=tuple(prov.input_size), variants=variants, frames=k)
-        feat_diffs, p_diffs = [], []
-        for i, key in enumerate(keys):
-            clip = ds[i]
-            if clip.views is None:
-                skipped[key] = f"decode failed now: {clip.message}"
-                continue
-            ours = encode_views(enc, clip.views, device=dev, batch_size=batch_size, amp=amp).numpy()
-            theirs, _ = _cached_views(cache, key, k, variants)
-            scale = float(np.abs(theirs).max()) or 1.0
-            feat_diffs.append(float(np.abs(ours - theirs.astype(np.float32)).max()) / scale)
-            full = by_key[key].features
-            if full is None:
-                skipped[key] = "full path kept no features for this video"
-                continue
-            p_var, _ = head_probabilities(model.head, full.astype(np.float16), by_key[key].valid, device=dev,
-                                          round_fp16=False)
-            p_diffs.append(abs(float(np.mean(p_var)) - by_key[key].p_fake))
-        max_diff = max(p_diffs, default=float("inf"))
-        max_feat = max(feat_diffs, default=float("inf"))
-        result = VerifyResult("finetuned", [k_ for k_ in keys if k_ not in skipped], max_diff, tolerance,
-                              max_feature_diff=max_feat, skipped=skipped)
-        lines.append(
-            f"verify (fine-tuned backbone): cache encoder {prov.backbone} on the full path's frames vs cached "
-            f"features: max relative |diff| = {max_feat:.2e} (tolerance {tolerance * 10:.0e}) -> decode/TTA/"
-            "preprocess agree"
-        )
-        lines.append(
-            f"verify: fine-tuned head on the full path's own features through the cache-path logic: max |p diff| "
-            f"= {max_diff:.2e} (tolerance {tolerance:.0e})"
-        )
-    if skipped:
-        lines.append(f"verify: {len(skipped)} videos not compared: " + "; ".join(
-            f"{key}: {why}" for key, why in list(skipped.items())[:5]))
-    result.lines = lines
-    return result
-
-
-def _cached_views(cache, key: str, k: int, variants: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Cached features of every variant: float16 ``[V, k, d]`` and the mask ``[k]``."""
-    feats, mask = [], None
-    for v in variants:
-        f, m = cache.features(key, k, v)
-        feats.append(np.asarray(f))
-        mask = np.asarray(m, dtype=bool) if mask is None else mask
-    return np.stack(feats), mask
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The whole command
 
 
 @dataclass
 class SubmitResult:
-    """What ``make_submission`` did."""
+    """What `make_submission` did: the written files, the verification and the per-row predictions."""
 
     report: SubmissionReport
     verify: VerifyResult | None
     lines: list[str]
-    predictions: list = field(default_factory=list)
+    predictions: list[VideoPrediction] = field(default_factory=list)
 
 
 def make_submission(
@@ -477,13 +258,13 @@ def make_submission(
     data: str | Path,
     models: str | Path,
     out: str | Path,
-    kind: str = "auto",
+    kind: ModelKind = "auto",
     frames: int | None = None,
     tta: bool = True,
     device: str = "auto",
     workers: int = 2,
-    batch_size: int = 64,
-    amp: bool = True,
+    frame_batch: int = 64,
+    precision: Precision = "auto",
     verify: str | Path | None = None,
     verify_sample: int | None = 8,
     seed: int = 0,
@@ -503,14 +284,16 @@ def make_submission(
         kind: ``auto``, ``finetuned`` or ``head-only``.
         frames: frames per video (default: frame_test.json, else 24).
         tta: average the five TTA variants.
+        device, workers, frame_batch, precision: how the full-video path runs (`arena.predict.predict_items`).
         verify: a feature cache to verify the full path against.
         verify_sample: videos compared (None: all).
         seed: seeds torch and the verification sample; same seed, same inputs -> byte-identical CSV.
-    """
-    from arena.data import load_dataset
-    from arena.predict import failed_prediction, load_model, predict_items, submission_rows
-    from arena.runtime import resolve_device
+        progress: show a progress bar. echo: where the report lines go (None: silent).
 
+    Raises:
+        SubmissionError: nothing to submit, every video failed, verification or validation failed.
+        DataError, ModelsError, PredictError, OptionError: the data folder, model or an option cannot be used.
+    """
     say = echo or (lambda _s: None)
     torch_seed(seed)
     dev = resolve_device(device)
@@ -525,7 +308,7 @@ def make_submission(
         open_verify_cache(model, verify)  # fail fast, before the whole test set is predicted
     item_by_key = {it.key: it for it in dataset.test}
     items = [item_by_key[r.key] for r in rows if r.key is not None]
-    run = predict_items(items, model, device=dev, workers=workers, batch_size=batch_size, amp=amp,
+    run = predict_items(items, model, device=dev, workers=workers, frame_batch=frame_batch, precision=precision,
                         keep_features=verify is not None and model.kind == "finetuned", progress=progress,
                         desc="submit")
     by_key = {p.key: p for p in run.predictions}
@@ -549,7 +332,7 @@ def make_submission(
     vres = None
     if verify is not None:
         vres = verify_against_cache(model, verify, run.predictions, items=items, sample=verify_sample, seed=seed,
-                                    device=dev, workers=0, batch_size=batch_size, amp=amp)
+                                    device=dev, frame_batch=frame_batch, precision=precision)
         for line in vres.lines:
             say(line)
         if not vres.ok:
@@ -569,7 +352,5 @@ def make_submission(
 
 def torch_seed(seed: int) -> None:
     """Seed torch and numpy's global generators (nothing in the path draws randomly; this guards future code)."""
-    import torch
-
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)

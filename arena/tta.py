@@ -22,6 +22,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 
+from arena.errors import OptionError  # noqa: E402
+
 VARIANTS = ("original", "hflip", "shift_scale_rotate", "brightness_up", "brightness_down")
 
 # Fixed parameters of the geometric view: the seed's ShiftScaleRotate(shift 0.05, scale 0.05) at the edge of its
@@ -65,7 +67,7 @@ def _variant_pipeline(variant: str) -> A.Compose:
         b = _BRIGHTNESS if variant == "brightness_up" else -_BRIGHTNESS
         ops = [A.RandomBrightnessContrast(brightness_limit=(b, b), contrast_limit=(0.0, 0.0), p=1.0)]
     else:
-        raise ValueError(f"Unknown TTA variant {variant!r}. Supported values are {', '.join(VARIANTS)}.")
+        raise OptionError(f"Unknown TTA variant {variant!r}. Supported values are {', '.join(VARIANTS)}.")
     return A.Compose(ops, p=1.0)
 
 
@@ -88,7 +90,7 @@ def tta_view(frames: torch.Tensor, variant: str) -> torch.Tensor:
 def tta_views(frames: torch.Tensor, variants: tuple[str, ...] | list[str] = VARIANTS) -> torch.Tensor:
     """All requested views stacked: uint8 ``[V, T, 3, H, W]`` in the order of ``variants``."""
     if len(variants) == 0:
-        raise ValueError(f"variants is empty; pick from {', '.join(VARIANTS)}.")
+        raise OptionError(f"variants is empty; pick from {', '.join(VARIANTS)}.")
     return torch.stack([tta_view(frames, v) for v in variants])
 
 

@@ -21,26 +21,30 @@ Fill rule (paths 2, 3): an index with no decoded frame repeats the nearest decod
 there is none) and is marked ``valid=False``; repeated indices (``k > n``) are invalid after their first row.
 ``n = source_frame_count(path)`` and the fill depend on the file and the index only, never on which other
 indices were asked for, so rows of a decoded union equal a direct decode of any subset (tested). Undecodable
-files raise `VideoDecodeError` naming the file and the reason; FFmpeg subprocesses run under a timeout.
+files raise `VideoDecodeError` naming the file and the reason. Paths 2 and 3 live in `arena._ffmpeg`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import shutil
-import subprocess
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+from torchcodec.decoders import VideoDecoder
+from torchcodec.transforms import Resize
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as tvf
+
+from arena._ffmpeg import Sequential, decode_sequential, ffprobe, frame_count, packet_pts, stream_fields, video_stream
+from arena.errors import OptionError, VideoDecodeError
+from arena.runtime import check_device_name, resolve_device
+from arena.sampling import uniform_indices
 
 __all__ = [
     "DecodedClip",
@@ -52,7 +56,6 @@ __all__ = [
     "probe",
     "resize_frames",
     "source_frame_count",
-    "uniform_indices",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -62,15 +65,6 @@ ResizeBackend = Literal["tensor", "decoder"]
 #: measured faster or equal to torchcodec's decoder-side Resize here (see tools/bench_decode.py) and is the same
 #: function on every path (torchcodec, FFmpeg fallback, CUDA), so it is the default.
 DEFAULT_RESIZE: ResizeBackend = "tensor"
-
-
-class VideoDecodeError(RuntimeError):
-    """A file from which no frame can be decoded. ``str()`` names the file and the reason."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"cannot decode {self.path}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -136,32 +130,27 @@ class DecodedClip:
         )
 
 
-def uniform_indices(num_frames: int, k: int) -> np.ndarray:
-    """The seed's frame sampling: ``np.linspace(0, n - 1, k).astype(int64)`` (duplicates when ``k > n``)."""
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    return np.linspace(0, num_frames - 1, k).astype(np.int64)
-
-
 def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resize uint8 ``[..., 3, H, W]`` frames to ``size=(height, width)``: bilinear with antialias, uint8 out.
 
     The one resize used by every decode path (and by anyone else who needs the model input size).
     """
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as tvf
-
     h, w = _check_size(size)
     if tuple(frames.shape[-2:]) == (h, w):
         return frames
     return tvf.resize(frames, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
+def _hwc_resizer(size: tuple[int, int] | None) -> Callable[[np.ndarray], np.ndarray] | None:
+    """`resize_frames` for one ``[H, W, 3]`` frame of the FFmpeg path (None: keep the display size)."""
+    if size is None:
+        return None
+    return lambda img: resize_frames(torch.from_numpy(img).permute(2, 0, 1), size).permute(1, 2, 0).numpy()
+
+
 def _check_size(size: tuple[int, int]) -> tuple[int, int]:
     if len(size) != 2 or any(int(s) != s or s < 1 for s in size):
-        raise ValueError(f"size must be (height, width) with positive ints, got {size!r}")
+        raise OptionError(f"size must be (height, width) with positive ints, got {size!r}")
     return int(size[0]), int(size[1])
 
 
@@ -179,17 +168,12 @@ def _check_file(path: str | os.PathLike) -> Path:
     return p
 
 
-def _display_dims(width: int | None, height: int | None, rotation: float | None) -> tuple[int, int]:
-    w, h = int(width or 0), int(height or 0)
-    if rotation is not None and round(abs(rotation)) % 180 == 90:
-        w, h = h, w
-    return w, h
+def _open_torchcodec(path: Path, *, num_threads: int = 1) -> VideoDecoder:
+    return VideoDecoder(str(path), seek_mode="exact", num_ffmpeg_threads=num_threads, device="cpu")
 
 
-def _open_torchcodec(path: Path, *, device: str = "cpu", num_threads: int = 1, seek_mode: str = "exact"):
-    from torchcodec.decoders import VideoDecoder
-
-    return VideoDecoder(str(path), seek_mode=seek_mode, num_ffmpeg_threads=num_threads, device=device)
+def _info_from_ffprobe(path: Path, meta: dict, stream: dict, num_frames: int | None) -> VideoInfo:
+    return VideoInfo(path=str(path), num_frames=num_frames, **stream_fields(path, meta, stream))
 
 
 def _info_from_torchcodec(path: Path, decoder, container: str) -> VideoInfo:
@@ -204,273 +188,19 @@ def _info_from_torchcodec(path: Path, decoder, container: str) -> VideoInfo:
     )
 
 
-def _ffprobe(path: Path) -> dict:
-    """ffprobe's JSON for streams + format; raises VideoDecodeError with ffprobe's own words."""
-    exe = shutil.which("ffprobe")
-    if exe is None:
-        raise VideoDecodeError(path, "ffprobe not found on PATH (install FFmpeg: apt-get install -y ffmpeg)")
-    cmd = [exe, "-v", "error", "-show_streams", "-show_format", "-of", "json", str(path)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=_timeout_for(path), stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as e:
-        raise VideoDecodeError(path, f"ffprobe timed out after {e.timeout:.0f} s") from None
-    if proc.returncode != 0:
-        err = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise VideoDecodeError(path, f"not a readable media file ({err[-1] if err else 'ffprobe failed'})")
-    return json.loads(proc.stdout or b"{}")
-
-
-def _video_stream_or_raise(path: Path, meta: dict) -> dict:
-    streams = meta.get("streams", [])
-    video = [s for s in streams if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")]
-    if not video:
-        kinds = ", ".join(sorted({s.get("codec_type", "?") for s in streams})) or "none"
-        raise VideoDecodeError(path, f"no video stream (streams found: {kinds})")
-    return video[0]
-
-
-def _rotation_from_ffprobe(stream: dict) -> float:
-    for sd in stream.get("side_data_list", []) or []:
-        if "rotation" in sd:
-            return float(sd["rotation"])
-    tag = stream.get("tags", {}).get("rotate")
-    return float(tag) if tag else 0.0
-
-
-def _info_from_ffprobe(path: Path, meta: dict, stream: dict, num_frames: int | None) -> VideoInfo:
-    def _rate(s: str | None) -> float | None:
-        try:
-            a, b = (s or "0/0").split("/")
-            return float(a) / float(b) if float(b) else None
-        except ValueError:
-            return None
-
-    rot = _rotation_from_ffprobe(stream)
-    w, h = _display_dims(stream.get("width"), stream.get("height"), rot)
-    dur = stream.get("duration") or meta.get("format", {}).get("duration")
-    return VideoInfo(
-        path=str(path), container=meta.get("format", {}).get("format_name", path.suffix.lstrip(".")),
-        codec=stream.get("codec_name", "?"), width=w, height=h,
-        fps=_rate(stream.get("avg_frame_rate")) or _rate(stream.get("r_frame_rate")), num_frames=num_frames,
-        duration_seconds=float(dur) if dur not in (None, "N/A") else None, rotation=rot,
-        stream_index=stream.get("index"), pixel_format=stream.get("pix_fmt"),
-    )
-
-
 def probe(path: str | os.PathLike) -> VideoInfo:
     """Metadata of the video stream that would be decoded (display geometry). Raises `VideoDecodeError`."""
     p = _check_file(path)
-    meta = _ffprobe(p)
-    stream = _video_stream_or_raise(p, meta)
+    meta = ffprobe(p)
+    stream = video_stream(p, meta)
     try:
         dec = _open_torchcodec(p)
     except Exception:  # noqa: BLE001 - torchcodec cannot open it; the FFmpeg path counts frames instead
-        return _info_from_ffprobe(p, meta, stream, _ffmpeg_frame_count(p, stream.get("index")))
+        return _info_from_ffprobe(p, meta, stream, frame_count(p, stream.get("index")))
     info = _info_from_torchcodec(p, dec, meta.get("format", {}).get("format_name", p.suffix.lstrip(".")))
     if not info.num_frames or not _first_frame_ok(dec):  # same n as decode_uniform would use
-        info = replace(info, num_frames=_ffmpeg_frame_count(p, dec.stream_index))
+        info = replace(info, num_frames=frame_count(p, dec.stream_index))
     return info
-
-
-# ------------------------------------------------------------------------------------------ FFmpeg fallback
-
-
-def _timeout_for(path: Path) -> float:
-    """Hang guard for FFmpeg subprocesses: 30 s plus 20 s per MB (small damaged files take well under 1 s)."""
-    return 30.0 + 20.0 * path.stat().st_size / 1e6
-
-
-_SHOWINFO_RE = re.compile(r"\bn:\s*\d+\s+pts:\s*\S+\s+pts_time:\s*(\S+)")
-
-
-def _read_ppm(stream) -> np.ndarray | None:
-    """One binary PPM (P6, maxval 255) from a pipe, or None at the end of the stream."""
-    tokens: list[bytes] = []
-    while len(tokens) < 4:
-        line = stream.readline()
-        if not line:
-            return None
-        tokens.extend(line.split(b"#", 1)[0].split())
-    magic, w, h, maxval = tokens[0], int(tokens[1]), int(tokens[2]), int(tokens[3])
-    if magic != b"P6" or maxval != 255:
-        raise ValueError(f"unexpected PPM header {tokens!r}")
-    data = stream.read(w * h * 3)
-    if len(data) < w * h * 3:
-        return None
-    return np.frombuffer(bytearray(data), dtype=np.uint8).reshape(h, w, 3)
-
-
-def _ffmpeg_exe(path: Path, name: str = "ffmpeg") -> str:
-    exe = shutil.which(name)
-    if exe is None:
-        raise VideoDecodeError(path, f"{name} not found on PATH (install FFmpeg: apt-get install -y ffmpeg)")
-    return exe
-
-
-@dataclass
-class _Sequential:
-    """Result of one sequential FFmpeg pass: frames for the wanted indices (filled where not decodable)."""
-
-    count: int                                            # frames FFmpeg decoded
-    rows: dict[int, tuple[np.ndarray, float, bool]]       # index -> (RGB HWC, pts, really decoded)
-
-
-def _ffmpeg_sequential(
-    path: Path, stream_index: int | None, wanted: np.ndarray | None, *,
-    scan_pts: np.ndarray | None = None, num_threads: int = 1, size: tuple[int, int] | None = None,
-) -> _Sequential:
-    """Decode every frame FFmpeg can decode, in display order, keeping only ``wanted`` (sorted unique) indices.
-
-    A decoded frame's index is its ordinal, or with ``scan_pts`` the index of the nearest scanned pts (frames that
-    match none are skipped). A wanted index with no decoded frame takes the nearest decoded frame before it (after
-    it when there is none before) and is marked not decoded: a rule that depends on the file and the index only.
-    ``wanted=None`` only counts frames. With ``size`` each kept frame is resized as soon as it is decoded, so memory
-    holds small frames only (a 4K frame is 25 MB), with the same pixels as resizing them all at the end.
-    """
-    exe = _ffmpeg_exe(path)
-    stream = f"0:{stream_index}" if stream_index is not None else "0:v:0"
-    # -copyts keeps the demuxer's timestamps so they can be matched to the scan; passthrough neither drops
-    # nor duplicates frames; showinfo logs each frame's pts to stderr before the frame reaches stdout.
-    cmd = [exe, "-nostdin", "-hide_banner", "-v", "info", "-nostats", "-threads", str(num_threads), "-copyts",
-           "-i", str(path), "-map", stream, "-an", "-sn", "-dn", "-fps_mode", "passthrough", "-vf", "showinfo"]
-    cmd += ["-f", "null", "-"] if wanted is None else ["-pix_fmt", "rgb24", "-c:v", "ppm", "-f", "image2pipe", "-"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    err_lines: list[str] = []
-    pts: list[float] = []
-    cond = threading.Condition()
-    done = threading.Event()
-
-    def _drain_stderr() -> None:
-        for raw in proc.stderr:  # type: ignore[union-attr]
-            line = raw.decode(errors="replace")
-            m = _SHOWINFO_RE.search(line) if "showinfo" in line else None
-            with cond:
-                if m:
-                    try:
-                        pts.append(float(m.group(1)))
-                    except ValueError:
-                        pts.append(float("nan"))
-                    cond.notify_all()
-                elif "showinfo" not in line:
-                    err_lines.append(line.strip())
-        with cond:
-            done.set()
-            cond.notify_all()
-
-    killed = threading.Event()
-
-    def _kill() -> None:
-        killed.set()
-        proc.kill()
-
-    reader = threading.Thread(target=_drain_stderr, daemon=True)
-    reader.start()
-    timer = threading.Timer(_timeout_for(path), _kill)
-    timer.start()
-    rows: dict[int, tuple[np.ndarray, float, bool]] = {}
-    count = 0
-    last: list = [None, None]  # (source frame, its resized copy): a frame that fills several rows is resized once
-
-    def small(img: np.ndarray) -> np.ndarray:
-        if size is None:
-            return img
-        if last[0] is not img:
-            resized = resize_frames(torch.from_numpy(img).permute(2, 0, 1), size)
-            last[:] = [img, resized.permute(1, 2, 0).numpy()]
-        return last[1]
-
-    try:
-        if wanted is None:
-            proc.stdout.read()  # type: ignore[union-attr]
-        else:
-            want = wanted.tolist()
-            pos = 0                      # next wanted index not yet settled
-            prev: tuple[np.ndarray, float] | None = None
-            pending: list[int] = []      # wanted indices before the first decoded frame
-            while (img := _read_ppm(proc.stdout)) is not None:
-                with cond:
-                    cond.wait_for(lambda c=count: len(pts) > c or done.is_set(), timeout=5.0)
-                    t = pts[count] if len(pts) > count else float("nan")
-                count += 1
-                j = _index_for_pts(t, scan_pts) if scan_pts is not None else count - 1
-                if j is None:
-                    continue
-                while pos < len(want) and want[pos] < j:
-                    if prev is None:
-                        pending.append(want[pos])
-                    else:
-                        rows[want[pos]] = (small(prev[0]), prev[1], False)
-                    pos += 1
-                if pos < len(want) and want[pos] == j:
-                    rows[j] = (small(img), t, True)
-                    pos += 1
-                if prev is None:
-                    for i in pending:
-                        rows[i] = (small(img), t, False)
-                    pending.clear()
-                prev = (img, t)
-            if prev is not None:
-                for i in want[pos:]:
-                    rows[i] = (small(prev[0]), prev[1], False)
-        proc.wait()
-        reader.join()
-    finally:
-        timer.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    if killed.is_set():
-        raise VideoDecodeError(path, f"ffmpeg did not finish within {_timeout_for(path):.0f} s")
-    if wanted is None:
-        count = len(pts)
-    if count == 0:
-        useful = [ln for ln in err_lines if ln and not ln.startswith(("Input #", "Output #", "Stream", " "))]
-        reason = useful[-1] if useful else "ffmpeg decoded zero frames"
-        if "matches no streams" in reason or "does not contain any stream" in reason:
-            reason = "no video stream"
-        raise VideoDecodeError(path, f"no decodable video frame ({reason})")
-    return _Sequential(count=count, rows=rows)
-
-
-def _index_for_pts(t: float, scan_pts: np.ndarray) -> int | None:
-    """Index of the scanned pts nearest to ``t`` if within a quarter of the local frame gap, else None."""
-    if not np.isfinite(t) or len(scan_pts) == 0:
-        return None
-    j = int(np.clip(np.searchsorted(scan_pts, t), 0, len(scan_pts) - 1))
-    if j > 0 and abs(scan_pts[j - 1] - t) <= abs(scan_pts[j] - t):
-        j -= 1
-    gaps = np.diff(scan_pts[max(0, j - 1): j + 2])
-    tol = 0.25 * float(gaps.min()) if len(gaps) and gaps.min() > 0 else 1e-3
-    return j if abs(scan_pts[j] - t) <= max(tol, 1e-5) else None
-
-
-def _packet_pts(path: Path, stream_index: int | None, n: int) -> np.ndarray | None:
-    """Sorted pts (seconds) of the stream's packets, i.e. of its frames; None if they do not number ``n``."""
-    sel = str(stream_index) if stream_index is not None else "v:0"
-    cmd = [_ffmpeg_exe(path, "ffprobe"), "-v", "error", "-select_streams", sel, "-show_entries", "packet=pts_time",
-           "-of", "csv=p=0", str(path)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=_timeout_for(path), stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return None
-    vals = []
-    for tok in proc.stdout.decode(errors="replace").split():
-        try:
-            vals.append(float(tok.strip(",")))
-        except ValueError:
-            continue
-    arr = np.unique(np.asarray(vals, dtype=np.float64))
-    return arr if len(arr) == n else None
-
-
-@lru_cache(maxsize=256)
-def _ffmpeg_frame_count_cached(path: str, stream_index: int | None, _stamp: tuple[int, int]) -> int:
-    return _ffmpeg_sequential(Path(path), stream_index, None).count
-
-
-def _ffmpeg_frame_count(path: Path, stream_index: int | None) -> int:
-    st = path.stat()
-    return _ffmpeg_frame_count_cached(str(path.resolve()), stream_index, (st.st_size, st.st_mtime_ns))
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -478,8 +208,8 @@ def _ffmpeg_frame_count(path: Path, stream_index: int | None) -> int:
 
 def _classify_open_failure(path: Path, exc: Exception) -> int | None:
     """torchcodec could not open ``path``: raise the typed error, or return the stream FFmpeg should decode."""
-    meta = _ffprobe(path)  # raises "not a readable media file" for text files etc.
-    stream = _video_stream_or_raise(path, meta)
+    meta = ffprobe(path)  # raises "not a readable media file" for text files etc.
+    stream = video_stream(path, meta)
     _LOG.info("torchcodec cannot open %s (%s); decoding sequentially with FFmpeg", path, _short(exc))
     return stream.get("index")
 
@@ -515,10 +245,10 @@ def source_frame_count(path: str | os.PathLike) -> int:
     try:
         dec = _open_torchcodec(p)
     except Exception as e:  # noqa: BLE001 - any torchcodec failure -> classify or fall back
-        return _ffmpeg_frame_count(p, _classify_open_failure(p, e))
+        return frame_count(p, _classify_open_failure(p, e))
     n = int(dec.metadata.num_frames or 0)
     if n < 1 or not _first_frame_ok(dec):
-        n = _ffmpeg_frame_count(p, dec.stream_index)
+        n = frame_count(p, dec.stream_index)
     return n
 
 
@@ -544,14 +274,15 @@ def _duplicate_mask(indices: np.ndarray) -> np.ndarray:
 
 
 def _resolve_device(device: str) -> str:
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
+    """``auto|cpu|cuda|cuda:N`` (`arena.runtime`'s names) -> the decode device; CPU, with a warning, without CUDA."""
+    name = check_device_name(device)  # OptionError for anything else
+    if name == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        if name != "auto":
             _LOG.warning("device=%r requested but CUDA is not available; decoding on CPU", device)
-            return "cpu"
-        return device
-    if device != "cpu":
-        raise ValueError(f"Invalid device ({device}). Supported values are cpu, cuda, cuda:N.")
-    return device
+        return "cpu"
+    return str(resolve_device(name))  # cuda:N beyond the GPUs present is an OptionError
 
 
 def _check_range(p: Path, idx: np.ndarray, n: int) -> None:
@@ -625,9 +356,9 @@ def _decode(path, select, *, size, device: str, num_threads: int, resize: str) -
     if size is not None:
         size = _check_size(size)
     if resize not in ("tensor", "decoder"):
-        raise ValueError(f"Invalid resize ({resize}). Supported values are tensor, decoder.")
+        raise OptionError(f"Invalid resize ({resize}). Supported values are tensor, decoder.")
     if num_threads < 0:
-        raise ValueError(f"num_threads must be >= 0 (0 lets FFmpeg choose), got {num_threads}")
+        raise OptionError(f"num_threads must be >= 0 (0 lets FFmpeg choose), got {num_threads}")
     p = _check_file(path)
     dev = _resolve_device(device)
     notes: list[str] = []
@@ -637,8 +368,8 @@ def _decode(path, select, *, size, device: str, num_threads: int, resize: str) -
     except Exception as e:  # noqa: BLE001 - torchcodec cannot open it: typed error or the FFmpeg path
         stream = _classify_open_failure(p, e)
         notes.append(f"torchcodec cannot open the file ({_short(e)}); decoded sequentially with FFmpeg")
-        meta = _ffprobe(p)
-        info = _info_from_ffprobe(p, meta, _video_stream_or_raise(p, meta), None)
+        meta = ffprobe(p)
+        info = _info_from_ffprobe(p, meta, video_stream(p, meta), None)
         return _decode_sequential(p, select, info, stream, size, num_threads, notes)
 
     info = _info_from_torchcodec(p, dec, p.suffix.lstrip(".").lower())
@@ -666,9 +397,9 @@ def _decode(path, select, *, size, device: str, num_threads: int, resize: str) -
     if error is not None:
         notes.append(f"torchcodec failed while decoding ({error}); decoded sequentially with FFmpeg")
         _LOG.info("%s: %s", p, notes[-1])
-        scan_pts = _packet_pts(p, dec.stream_index, n)
-        seq = _ffmpeg_sequential(p, dec.stream_index, np.unique(idx), scan_pts=scan_pts, num_threads=num_threads,
-                                 size=size)
+        scan_pts = packet_pts(p, dec.stream_index, n)
+        seq = decode_sequential(p, dec.stream_index, np.unique(idx), scan_pts=scan_pts, num_threads=num_threads,
+                                transform=_hwc_resizer(size))
         if seq.count < n:
             notes.append(f"FFmpeg decoded {seq.count} of {n} frames")
         return _clip_from_sequential(idx, n, seq, info, size, notes)
@@ -704,12 +435,8 @@ def _frames_at(dec, uniq: np.ndarray, size: tuple[int, int] | None) -> tuple[tor
 
 
 def _open_with_device(p: Path, dev: str, num_threads: int, decoder_size, notes: list[str]):
-    from torchcodec.decoders import VideoDecoder
-
     kwargs: dict = dict(seek_mode="exact", num_ffmpeg_threads=num_threads)
     if decoder_size is not None:
-        from torchcodec.transforms import Resize
-
         kwargs["transforms"] = [Resize(decoder_size)]
     if dev.startswith("cuda"):
         try:
@@ -727,15 +454,15 @@ def _open_with_device(p: Path, dev: str, num_threads: int, decoder_size, notes: 
 def _decode_sequential(p: Path, select, info: VideoInfo, stream: int | None, size, num_threads: int,
                        notes: list[str]) -> DecodedClip:
     """File-level fallback: n = frames FFmpeg decodes, frame i = the i-th of them."""
-    n = _ffmpeg_frame_count(p, stream)
+    n = frame_count(p, stream)
     info = replace(info, num_frames=n)
     idx = select(n)
     _check_range(p, idx, n)
-    seq = _ffmpeg_sequential(p, stream, np.unique(idx), num_threads=num_threads, size=size)
+    seq = decode_sequential(p, stream, np.unique(idx), num_threads=num_threads, transform=_hwc_resizer(size))
     return _clip_from_sequential(idx, n, seq, info, size, notes)
 
 
-def _clip_from_sequential(idx: np.ndarray, n: int, seq: _Sequential, info: VideoInfo, size, notes: list[str]):
+def _clip_from_sequential(idx: np.ndarray, n: int, seq: Sequential, info: VideoInfo, size, notes: list[str]):
     valid = _duplicate_mask(idx)
     imgs, pts = [], []
     filled = 0

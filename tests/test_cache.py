@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import filecmp
+import json
 import os
 import random
 import signal
@@ -12,27 +14,25 @@ import textwrap
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
-from arena import cache as cache_mod
 from arena.cache import (
+    FEATURE_FORMAT,
     CacheError,
     CacheWriter,
     FeatureCache,
     Provenance,
     merge_shards,
     parse_shard,
-    shard_keys,
+    shard_items,
     shard_path,
-    union_indices,
 )
-
-
-def uniform_indices(n: int, k: int) -> np.ndarray:
-    from arena.video import uniform_indices  # lazily: torch takes seconds to import in each kill-test child
-
-    return uniform_indices(n, k)
+from arena.cache import layout as layout_mod
+from arena.cache import writer as writer_mod
+from arena.errors import OptionError
+from arena.sampling import sampling_spec, uniform_indices, union_indices
 
 VARIANTS = ("original", "hflip", "shift_scale_rotate", "brightness_up", "brightness_down")
 DIM = 6
@@ -41,8 +41,9 @@ DIM = 6
 def make_prov(**changes) -> Provenance:
     fields = dict(
         backbone="test_vit", weights_source="random:seed=0", weights_hash="ab" * 32, input_size=(96, 96),
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", tta={"shift": 0.05, "brightness": 0.1},
-        variants=VARIANTS, frame_counts=(24, 32, 48), arena_version="0.1.0", split_sha256="cd" * 32, feature_dim=DIM,
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear-antialias",
+        decoder={"device": "cpu", "resize": "tensor"}, tta={"shift": 0.05, "brightness": 0.1}, variants=VARIANTS,
+        sampling=sampling_spec(), frame_counts=(24, 32, 48), feature_dim=DIM, feature_format=FEATURE_FORMAT,
     )
     fields.update(changes)
     return Provenance(**fields)
@@ -86,9 +87,10 @@ def test_union_indices_and_shard_helpers():
     assert union_indices(10, (24, 32, 48)).tolist() == list(range(10))
     assert shard_path("/a/cache.h5", 1, 4) == Path("/a/cache.shard-1-of-4.h5")
     assert parse_shard("2/3") == (2, 3)
-    with pytest.raises(ValueError, match="0 <= index < count"):
-        parse_shard("3/3")
-    assert sorted(shard_keys(["c", "a", "b"], 0, 2) + shard_keys(["c", "a", "b"], 1, 2)) == ["a", "b", "c"]
+    for bad in ("3/3", "1/0", "x", "1/2/3"):
+        with pytest.raises(OptionError, match="0 <= i"):
+            parse_shard(bad)
+    assert shard_items(["c", "a", "b"], 0, 2) == ["c", "b"] and shard_items(["c", "a", "b"], 1, 2) == ["a"]
 
 
 def test_round_trip(tmp_path):
@@ -222,53 +224,54 @@ def test_crash_during_compaction(tmp_path, monkeypatch):
     ref = build(tmp_path / "ref.h5")
     path = tmp_path / "c.h5"
     build(path, range(4))
-    real_write = cache_mod._write_compacted
+    before = path.read_bytes()
+    real_write = writer_mod.write_compacted
 
     def half_write(out, prov, entries):  # dies after writing part of the new file
         real_write(out, prov, list(entries)[:2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cache_mod, "_write_compacted", half_write)
+    monkeypatch.setattr(writer_mod, "write_compacted", half_write)
     with pytest.raises(KeyboardInterrupt):
         build(path, range(9))
-    assert (tmp_path / "c.h5.tmp").exists()
-    monkeypatch.setattr(cache_mod, "_write_compacted", real_write)
+    assert path.read_bytes() == before and not temporaries(tmp_path)  # old file intact, half file gone
+    monkeypatch.setattr(writer_mod, "write_compacted", real_write)
 
-    def die_after_replace(tmp, target):  # new file in place, parts not yet removed: duplicates of the same data
-        os.replace(tmp, target)
+    def die_before_dropping_parts(target):  # new file in place, parts not yet removed: duplicates of the same data
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cache_mod, "_install", die_after_replace)
+    monkeypatch.setattr(writer_mod, "drop_parts", die_before_dropping_parts)
     with pytest.raises(KeyboardInterrupt):
         CacheWriter(path, make_prov()).close()
+    assert path.read_bytes() != before and (tmp_path / "c.h5.parts").is_dir()
     monkeypatch.undo()
     with FeatureCache.open(path) as c:
         assert len(c.keys) + len(c.failures()) == 9
     build(path)
-    assert not (tmp_path / "c.h5.tmp").exists()
+    assert not temporaries(tmp_path) and not (tmp_path / "c.h5.parts").exists()
     assert filecmp.cmp(ref, path, shallow=False)
+
+
+def temporaries(folder: Path) -> list[Path]:
+    """Temporary files of `arena._files.atomic_write` (and of earlier releases) left in ``folder``."""
+    return sorted(folder.glob(".*.tmp")) + sorted(folder.glob("*.tmp"))
 
 
 CHILD = textwrap.dedent(
     """
-    import sys, time, types
-    import numpy as np
+    import sys, time
     sys.path[:0] = [{tests!r}, {root!r}]
-    # The child stands in the seed definition for arena.video (which imports torch: seconds per child); the final
-    # byte comparison with a file built in-process with the real arena.video proves the two agree.
-    sys.modules["arena.video"] = types.SimpleNamespace(
-        uniform_indices=lambda n, k: np.linspace(0, n - 1, k).astype(np.int64))
     import test_cache as t
-    from arena import cache
+    from arena.cache import CacheWriter, layout
 
     slow = float(sys.argv[2])
-    real = cache._Entry.features
+    real = layout.Entry.features
     def slow_features(self):  # stretch compaction so that random kills land inside it too
         time.sleep(slow / 2)
         return real(self)
-    cache._Entry.features = slow_features
+    layout.Entry.features = slow_features
     print("ready", flush=True)
-    with cache.CacheWriter(sys.argv[1], t.make_prov()) as w:
+    with CacheWriter(sys.argv[1], t.make_prov()) as w:
         for i in range(len(t.VIDEOS)):
             if t.VIDEOS[i][0] not in w.done_keys():
                 t.write_video(w, i)
@@ -304,7 +307,7 @@ def test_kill9_at_random_moments_then_resume(tmp_path, seed):
     done = subprocess.run([sys.executable, str(script), str(path), "0"], capture_output=True, text=True, check=True)
     assert done.stdout.rstrip().endswith("closed")
     assert filecmp.cmp(ref, path, shallow=False)
-    assert not (tmp_path / "c.h5.parts").exists() and not (tmp_path / "c.h5.tmp").exists()
+    assert not (tmp_path / "c.h5.parts").exists() and not temporaries(tmp_path)
 
 
 def test_second_writer_is_refused(tmp_path):
@@ -358,7 +361,7 @@ def test_shards_read_as_one_and_merge_to_the_single_process_bytes(tmp_path):
     base = tmp_path / "c.h5"
     keys = [k for k, _ in VIDEOS]
     for s in range(3):
-        mine = set(shard_keys(keys, s, 3))
+        mine = set(shard_items(keys, s, 3))
         build(base, [i for i, (k, _) in enumerate(VIDEOS) if k in mine], shard=(s, 3))
     shards = [shard_path(base, s, 3) for s in range(3)]
     glob = str(tmp_path / "c.shard-*")
@@ -383,9 +386,9 @@ def test_shards_read_as_one_and_merge_to_the_single_process_bytes(tmp_path):
     with pytest.raises(CacheError, match="with different data"):
         FeatureCache.open([single, tmp_path / "x.h5"])
     build(tmp_path / "y.h5", range(1, 2), shard=None)
-    with CacheWriter(tmp_path / "z.h5", make_prov(split_sha256="00")):
+    with CacheWriter(tmp_path / "z.h5", make_prov(weights_hash="00" * 32)):
         pass
-    with pytest.raises(CacheError, match="split_sha256"):
+    with pytest.raises(CacheError, match="weights_hash"):
         FeatureCache.open([tmp_path / "y.h5", tmp_path / "z.h5"])
 
 
@@ -421,3 +424,75 @@ def test_empty_run_and_leftover_empty_parts_folder(tmp_path):
     with FeatureCache.open(path, expect=make_prov()) as c:
         assert c.keys == [] and c.failures() == {}
         assert c.batch([], 24)[0].shape == (0, len(VARIANTS), 24, DIM)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Caches written by format 1 (the release before provenance stopped naming the split and arena's version)
+
+
+class V1Provenance(Provenance):
+    """Writes provenance as format 1 did: with split_sha256 / arena_version, the backbone's nominal interpolation,
+    and without decoder / sampling / feature_format."""
+
+    def to_json(self) -> str:
+        data = {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("decoder", "sampling", "feature_format")}
+        data.update(interpolation="bicubic", arena_version="0.1.0", split_sha256="cd" * 32)
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def build_v1(path: Path, indices=range(len(VIDEOS)), *, compact: bool = True) -> Path:
+    """A cache as the format-1 release wrote it (compacted, or only staged parts as after a kill)."""
+    fields = {f.name: getattr(make_prov(), f.name) for f in dataclasses.fields(Provenance)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layout_mod, "FORMAT_VERSION", 1)
+        mp.setattr(writer_mod, "FORMAT_VERSION", 1)
+        w = CacheWriter(path, V1Provenance(**fields))
+        for i in indices:
+            write_video(w, i)
+        w.close() if compact else w.abandon()
+    return path
+
+
+def test_v1_cache_opens_and_is_used_unchanged(tmp_path):
+    path = build_v1(tmp_path / "v1.h5")
+    with h5py.File(path, "r") as fh:  # it really is a format-1 file
+        assert fh.attrs["format_version"] == 1 and "provenance.split_sha256" in fh.attrs
+        assert "decoder" not in json.loads(fh.attrs["provenance"])
+    before, mtime = path.read_bytes(), path.stat().st_mtime_ns
+    with FeatureCache.open(path, expect=make_prov()) as c:  # the dropped fields are ignored, the new ones filled
+        assert c.provenance == make_prov()
+        with FeatureCache.open(build(tmp_path / "v2.h5")) as new:
+            assert c.keys == new.keys
+            np.testing.assert_array_equal(c.batch(c.keys, 32)[0], new.batch(new.keys, 32)[0])
+    with CacheWriter(path, make_prov()) as w:  # a rerun that finds nothing to do leaves the file alone
+        assert w.done_keys() == {k for k, _ in VIDEOS}
+    assert path.read_bytes() == before and path.stat().st_mtime_ns == mtime
+    with pytest.raises(CacheError, match=r"decoder: .*\"resize\": \"tensor\".*-> .*\"decoder\""):
+        FeatureCache.open(path, expect=make_prov(decoder={"device": "cpu", "resize": "decoder"}))
+    with pytest.raises(CacheError, match=r"interpolation: .*arena features --cache"):
+        FeatureCache.open(path, expect=make_prov(interpolation="bicubic"))
+
+
+def test_v1_staged_parts_resume_to_the_current_bytes(tmp_path):
+    """A format-1 run killed midway (main file + staged parts of the old format) resumes with the current code and
+    compacts to the bytes of an uninterrupted current run."""
+    ref = build(tmp_path / "ref.h5")
+    path = build_v1(tmp_path / "c.h5", range(4))
+    build_v1(path, range(4, 8), compact=False)
+    assert (tmp_path / "c.h5.parts").is_dir()
+    with FeatureCache.open(path, expect=make_prov()) as c:
+        assert len(c.keys) + len(c.failures()) == 8
+    build(path)
+    assert filecmp.cmp(ref, path, shallow=False)
+    with h5py.File(path, "r") as fh:
+        assert fh.attrs["format_version"] == layout_mod.FORMAT_VERSION == 2
+        assert not any("split_sha256" in name or "arena_version" in name for name in fh.attrs)
+
+
+def test_cache_from_a_newer_format_is_refused_with_the_rebuild_command(tmp_path):
+    path = build(tmp_path / "c.h5", range(2))
+    with h5py.File(path, "r+") as fh:
+        fh.attrs["format_version"] = 3
+    with pytest.raises(CacheError, match=r"format version 3; this arena reads versions 1, 2.*arena features --cache"):
+        FeatureCache.open(path)

@@ -1,49 +1,19 @@
-"""Data layer: layout parsing, label spellings, path-escape refusal, layout report, the split file.
+"""Data layer: layout parsing, label spellings, path-escape refusal, layout report, the CSV reader.
 
 The data layer never decodes videos, so tiny non-empty placeholder files stand in for them.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
+from _shared import make_layout
 
-from arena.data import (
-    FILENAME_COLUMNS,
-    LABEL_COLUMNS,
-    DataError,
-    VideoItem,
-    load_dataset,
-    load_split,
-    make_split,
-    parse_label,
-    read_csv_rows,
-    scan_dataset,
-)
-
-
-def make_layout(root: Path, n_real: int = 3, n_fake: int = 3, n_test: int = 2, *, csv: str | None = "default",
-                test_csv: bool = True) -> Path:
-    """Seed layout with placeholder files; ``csv`` None -> no train_labels.csv, a string -> its exact text."""
-    for sub in ("train/real", "train/fake", "test"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    for i in range(n_real):
-        (root / f"train/real/r{i:03d}.mp4").write_bytes(b"\x00")
-    for i in range(n_fake):
-        (root / f"train/fake/f{i:03d}.mp4").write_bytes(b"\x00")
-    for i in range(n_test):
-        (root / f"test/t{i:03d}.mp4").write_bytes(b"\x00")
-    if csv == "default":
-        rows = [f"r{i:03d}.mp4,0" for i in range(n_real)] + [f"f{i:03d}.mp4,1" for i in range(n_fake)]
-        csv = "filename,label\n" + "\n".join(rows) + "\n"
-    if csv is not None:
-        (root / "train_labels.csv").write_text(csv, encoding="utf-8")
-    if test_csv:
-        (root / "test_public.csv").write_text("filename\n" + "".join(f"t{i:03d}.mp4\n" for i in range(n_test)))
-    return root
+from arena.csvfile import FILENAME_COLUMNS, LABEL_COLUMNS, parse_label, read_csv_rows
+from arena.data import VideoItem, load_dataset, scan_dataset
+from arena.errors import DataError
 
 
 def kinds(ds) -> set[str]:
@@ -91,7 +61,7 @@ def test_relative_and_bare_names(tmp_path):
     assert [i.key for i in ds.test] == ["test/t000.mp4", "test/t001.mp4"]
     assert all(i.split == "test" and i.label is None for i in ds.test)
     assert all(i.path.is_absolute() and i.path.is_file() for i in ds.train + ds.test)
-    assert ds.get("test/t001.mp4").path == (root / "test/t001.mp4").resolve()
+    assert ds.by_key()["test/t001.mp4"].path == (root / "test/t001.mp4").resolve()
 
 
 def test_labels_from_folders_without_csv(tmp_path):
@@ -157,7 +127,7 @@ def test_symlink_inside_allowed(tmp_path):
     (root / "store/v.mp4").write_bytes(b"x")
     os.symlink(root / "store/v.mp4", root / "train/fake/link.mp4")
     ds = load_dataset(root)
-    assert ds.get("train/fake/link.mp4").path == (root / "store/v.mp4").resolve()
+    assert ds.by_key()["train/fake/link.mp4"].path == (root / "store/v.mp4").resolve()
 
 
 # -------------------------------------------------------------------------------------- the report
@@ -278,64 +248,8 @@ def test_ambiguous_bare_name_resolved_by_label(tmp_path):
     (root / "train/real/same.mp4").write_bytes(b"x")
     (root / "train/fake/same.mp4").write_bytes(b"x")
     ds = load_dataset(root)
-    assert ds.get("train/fake/same.mp4").label == 1
+    assert ds.by_key()["train/fake/same.mp4"].label == 1
     assert "train/real/same.mp4: present but not listed" in str(ds.report)
-
-
-# ---------------------------------------------------------------------------------------- the split
-
-
-def test_split_stratified_420_180_and_reused(tmp_path):
-    ds = load_dataset(make_layout(tmp_path / "data", 300, 300, 0, csv=None, test_csv=False), require_test=False)
-    out = tmp_path / "out"
-    split = make_split(ds, out, seed=42)
-    assert (len(split.train), len(split.val)) == (420, 180)
-    assert split.counts() == {"train_real": 210, "train_fake": 210, "val_real": 90, "val_fake": 90}
-    assert {i.split for i in split.train} == {"train"} and {i.split for i in split.val} == {"val"}
-    assert not {i.key for i in split.train} & {i.key for i in split.val}
-    doc = json.loads(split.path.read_text())
-    assert doc["seed"] == 42 and doc["val_fraction"] == 0.3 and len(doc["train"]) == 420
-
-    again = make_split(load_dataset(tmp_path / "data", require_test=False), out, seed=42)
-    assert again.sha256 == split.sha256 and again.train == split.train and again.val == split.val
-    assert load_split(ds, out).sha256 == split.sha256
-    # the same seed regenerates the same file; another seed gives another split
-    assert make_split(ds, tmp_path / "other", seed=42).sha256 == split.sha256
-    assert make_split(ds, tmp_path / "third", seed=7).sha256 != split.sha256
-
-
-def test_split_refuses_mismatch(tmp_path):
-    root = make_layout(tmp_path / "data", 5, 5, csv=None)
-    out = tmp_path / "out"
-    split = make_split(load_dataset(root), out)
-    assert (len(split.train), len(split.val)) == (6, 4)  # round(5 * 0.3) = 2 per class
-    gone = split.val[0].key
-    (root / gone).unlink()
-    with pytest.raises(DataError, match=rf"no longer matches.*1 video\(s\) in the split but no longer in the dataset "
-                                        rf"\(e.g. {gone}\).*delete .*split.json \(or pass --new-split\)"):
-        load_split(load_dataset(root), out)
-    (root / gone).write_bytes(b"x")
-    (root / "train/real/extra.mp4").write_bytes(b"x")
-    with pytest.raises(DataError, match=r"1 video\(s\) in the dataset but not in the split"):
-        make_split(load_dataset(root), out)
-    fresh = make_split(load_dataset(root), out, new=True)
-    assert len(fresh.train) + len(fresh.val) == 11
-    with pytest.raises(DataError, match="made with seed=42.*but seed=3, val_fraction=0.3 was asked"):
-        make_split(load_dataset(root), out, seed=3)
-
-
-def test_split_bad_inputs(tmp_path):
-    ds = load_dataset(make_layout(tmp_path / "data", 1, 3, csv=None))
-    with pytest.raises(DataError, match="1 real train video.*at least 2"):
-        make_split(ds, tmp_path / "out")
-    with pytest.raises(DataError, match="val_fraction must be between 0 and 1.*got 1.5"):
-        make_split(ds, tmp_path / "out", val_fraction=1.5)
-    with pytest.raises(DataError, match="no split file at .*arena split --data"):
-        load_split(ds, tmp_path / "nothing")
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad/split.json").write_text("{not json")
-    with pytest.raises(DataError, match="not a valid split file"):
-        load_split(ds, tmp_path / "bad")
 
 
 def test_scan_reports_errors_without_raising(tmp_path):
@@ -371,8 +285,7 @@ def test_test_folder_symlink_outside_refused(tmp_path):
 def test_by_key(tmp_path):
     ds = load_dataset(make_layout(tmp_path, 1, 1, 1))
     assert sorted(ds.by_key()) == ["test/t000.mp4", "train/fake/f000.mp4", "train/real/r000.mp4"]
-    with pytest.raises(KeyError, match="no video with key 'x.mp4'"):
-        ds.get("x.mp4")
+    assert ds.by_key()["train/fake/f000.mp4"].label == 1 and ds.by_key()["test/t000.mp4"].split == "test"
 
 
 def test_fifo_named_mp4_skipped(tmp_path):

@@ -13,6 +13,7 @@ from torchcodec.decoders import VideoDecoder
 
 from arena.cli import main
 from arena.demo import DemoConfig, draw_clip_params, generate_dataset, plan_dataset, render_clip, write_video
+from arena.errors import OptionError
 
 TINY = dict(n_train_real=3, n_train_fake=3, n_test=4, seconds=1.0, size=(64, 64), fps=8.0, workers=1,
             progress=False)
@@ -136,19 +137,19 @@ def test_presets_and_validation():
     assert comp.size == (360, 640) and comp.num_frames == 300
     jobs = plan_dataset(DemoConfig.from_preset("demo", n_test=5, seed=1))
     assert sum(j.label for j in jobs if j.relpath.startswith("test/")) == 2
-    with pytest.raises(ValueError, match="Unknown preset 'huge'"):
+    with pytest.raises(OptionError, match="Unknown preset 'huge'"):
         DemoConfig.from_preset("huge")
-    with pytest.raises(ValueError, match="both even"):
+    with pytest.raises(OptionError, match="both even"):
         DemoConfig(size=(65, 64))
-    with pytest.raises(ValueError, match="difficulty must be in"):
+    with pytest.raises(OptionError, match="difficulty must be in"):
         DemoConfig(difficulty=1.5)
-    with pytest.raises(ValueError, match="Nothing to generate"):
+    with pytest.raises(OptionError, match="Nothing to generate"):
         DemoConfig(n_train_real=0, n_train_fake=0, n_test=0)
 
 
 def test_refuses_a_non_empty_folder(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="is not empty"):
+    with pytest.raises(OptionError, match=r"is not empty.*--force"):
         generate_dataset(tmp_path, **TINY)
     assert (tmp_path / "keep.txt").exists()
 
@@ -162,6 +163,6 @@ def test_cli_demo_data(tmp_path):
     dec = VideoDecoder(str(out / "test/test_0001.mp4"))
     assert (dec.metadata.width, dec.metadata.height) == (48, 32)
     again = CliRunner().invoke(main, ["demo-data", str(out)])
-    assert again.exit_code != 0 and "not empty" in again.output
+    assert again.exit_code == 1 and "Error: " in again.output and "not empty" in again.output
     bad = CliRunner().invoke(main, ["demo-data", str(tmp_path / "x"), "--size", "big"])
-    assert bad.exit_code != 0 and "WIDTHxHEIGHT" in bad.output
+    assert bad.exit_code == 2 and "WIDTHxHEIGHT" in bad.output  # a usage error, before anything is written

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _shared import shared_videos
 from click.testing import CliRunner
 
 from arena.cli import main
-from arena.doctor import Check, DoctorResult, sniff_container, weights_status
+from arena.data import VIDEO_EXTENSIONS
+from arena.doctor import Check, DoctorResult, run_doctor, sniff_container, weights_status
 
 
 @pytest.fixture
@@ -81,9 +83,6 @@ def test_weights_not_reachable_offline(tmp_path, no_network):
 
 # ---------------------------------------------------------------------------------------- header sniff
 
-SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
-
-
 def test_sniff_container_on_generated_and_fake_files(tmp_path):
     from arena.demo import write_video
 
@@ -95,10 +94,23 @@ def test_sniff_container_on_generated_and_fake_files(tmp_path):
     assert sniff_container(tmp_path / "page.mp4") is None and sniff_container(tmp_path / "zero.mp4") is None
 
 
-@pytest.mark.skipif(not SHARED_VIDEOS.is_dir(), reason=f"{SHARED_VIDEOS} absent")
 def test_sniff_container_knows_every_shared_video():
-    videos = sorted(p for p in SHARED_VIDEOS.iterdir() if p.suffix != ".tsv")
-    assert videos and all(sniff_container(p) is not None for p in videos)
+    """Every video of the shared folder and of its sub-folders (faces/) starts like a container."""
+    videos = sorted(p for p in shared_videos().rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+    assert len(videos) >= 10
+    assert [p.name for p in videos if sniff_container(p) is None] == []
+
+
+def test_doctor_data_check_skips_sub_folders(tmp_path, no_network):
+    """A folder among the videos (e.g. faces/ or a folder named like a video) is neither scanned nor sniffed."""
+    data = tiny_layout(tmp_path / "data")
+    (data / "test/faces").mkdir()
+    (data / "test/faces/MANIFEST.tsv").write_text("file\n")
+    (data / "train/real/odd.mp4").mkdir()
+    result = run_doctor(data, expect=(2, 2, 1))
+    rows = {c.name: c for c in result.checks}
+    assert rows["data counts"].status == "ok" and "(as expected)" in rows["data counts"].detail
+    assert rows["video headers"].status == "warn" and "5 of 5 files" in rows["video headers"].detail
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -183,5 +195,22 @@ def test_split_cli(tmp_path):
     assert res.exit_code == 1 and "no longer matches" in res.output and "--new-split" in res.output
     res = CliRunner().invoke(main, ["split", "--data", str(data), "--out", str(out), "--new-split"])
     assert res.exit_code == 0 and "train 13 (6 real / 7 fake), val 6 (3 real / 3 fake)" in res.output
+    assert "replaced the previous split: cached features stay valid" in res.output
+    assert "rerun tune-head, frame-test and train-full" in res.output
+    res = CliRunner().invoke(main, ["split", "--data", str(data), "--out", str(out), "--new-split"])
+    assert res.exit_code == 0 and "the new split equals the old one; nothing to rerun" in res.output
     res = CliRunner().invoke(main, ["split", "--data", str(data), "--out", str(out), "--val-fraction", "1.5"])
     assert res.exit_code == 2 and "1.5" in res.output
+
+
+def test_one_default_backbone_everywhere():
+    import inspect
+
+    from arena import doctor, model
+    from arena.limits import DEFAULT_BACKBONE
+
+    assert inspect.signature(doctor.run_doctor).parameters["backbone"].default == DEFAULT_BACKBONE
+    assert inspect.signature(model.create_encoder).parameters["name"].default == DEFAULT_BACKBONE
+    for command in ("doctor", "features"):
+        res = CliRunner().invoke(main, [command, "--help"])
+        assert f"[default: {DEFAULT_BACKBONE}]" in " ".join(res.output.split()), command

@@ -25,13 +25,15 @@ import numpy as np
 import pytest
 import torch
 from _layout import write_dataset
+from _shared import shared_video
 from click.testing import CliRunner
 
 from arena.cache import FeatureCache
 from arena.cli import main
+from arena.limits import MAX_FRAMES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 FEATURES = ["--frames", "4,6", "--backbone", "test_resnet", "--no-pretrained", "--image-size", "32", "--workers", "0",
-            "--device", "cpu", "--batch-size", "16"]
+            "--device", "cpu", "--frame-batch", "16"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -358,9 +360,7 @@ def test_10bit_and_444_decode_like_ffmpeg(tmp_path, kind):
     from arena.video import decode_uniform
 
     if kind == "hevc-main10":
-        path = Path("/work/shared/videos/torchcodec_h265_10bits.mp4")
-        if not path.exists():
-            pytest.skip("shared real-world videos not present")
+        path = shared_video("torchcodec_h265_10bits.mp4")
     else:
         fmt = {"h264-10bit": "yuv420p10le", "h264-444": "yuv444p"}[kind]
         path = _ffmpeg(tmp_path / f"{kind}.mp4", "testsrc2=size=96x64:rate=10", "-t", "2", "-pix_fmt", fmt)
@@ -377,9 +377,7 @@ def test_10bit_and_444_decode_like_ffmpeg(tmp_path, kind):
 def test_variable_frame_rate_frames_span_the_real_duration():
     from arena.video import decode_uniform, probe
 
-    path = Path("/work/shared/videos/torchcodec_var_fps_video.mp4")
-    if not path.exists():
-        pytest.skip("shared real-world videos not present")
+    path = shared_video("torchcodec_var_fps_video.mp4")
     duration = probe(path).duration_seconds
     clip = decode_uniform(path, 24, size=(32, 32))
     assert clip.pts_seconds[-1] - clip.pts_seconds[0] >= 0.8 * duration
@@ -405,12 +403,13 @@ def _evil(path: Path, marker: Path, **extra) -> Path:
     return path
 
 
-def test_tune_load_head_refuses_a_pickle_that_runs_code(tmp_path):
-    from arena.tune import load_head
+def test_head_checkpoint_load_refuses_a_pickle_that_runs_code(tmp_path):
+    from arena.errors import ModelsError
+    from arena.models_folder import HeadCheckpoint
 
     marker = tmp_path / "pwned"
-    with pytest.raises(ValueError, match="weights_only=True"):
-        load_head(_evil(tmp_path / "best_head.pt", marker))
+    with pytest.raises(ModelsError, match="weights_only=True"):
+        HeadCheckpoint.load(_evil(tmp_path / "best_head.pt", marker))
     assert not marker.exists()
 
 
@@ -457,19 +456,23 @@ def test_features_refuses_a_cache_of_another_configuration(tiny_data, reference,
 # ------------------------------------------------------------------------------------------------ options
 
 
+BAD_DEVICE = "Invalid device (tpu). Supported values are auto, cpu, cuda or cuda:N."
+FRAMES_RANGE = f"0 is not in the range 1<=x<={MAX_FRAMES}"
+IRV2_SIZES = f"use 75..{MAX_IMAGE_SIZE} px"
+# The same option is refused the same way by every command (one range, one device rule).
 OPTIONS = [
-    (["features", "--frames", "0"], 2, "1..512"),
-    (["features", "--image-size", "8"], 2, "32<=x<=1024"),
-    (["features", "--image-size", "40", "--backbone", "inception_resnet_v2.tf_in1k"], 1, "use 75..2048 px"),
-    (["features", "--device", "tpu"], 2, "'tpu' is not one of 'auto', 'cpu', 'cuda'"),
+    (["features", "--frames", "0"], 2, f"1..{MAX_FRAMES}"),
+    (["features", "--image-size", "8"], 2, f"{MIN_IMAGE_SIZE}<=x<={MAX_IMAGE_SIZE}"),
+    (["features", "--image-size", "40", "--backbone", "inception_resnet_v2.tf_in1k"], 1, IRV2_SIZES),
+    (["features", "--device", "tpu"], 2, BAD_DEVICE),
     (["tune-head", "--n-trials", "-3"], 2, "-3 is not in the range x>=1"),
-    (["tune-head", "--frames", "0"], 2, "1..512"),
-    (["tune-head", "--device", "tpu"], 2, "'tpu' is not one of 'auto', 'cpu', 'cuda'"),
-    (["train-full", "--frames", "0"], 2, "0 is not in the range 1<=x<=512"),
-    (["train-full", "--image-size", "40", "--backbone", "inception_resnet_v2.tf_in1k"], 1, "use 75..2048 px"),
-    (["train-full", "--device", "tpu"], 2, "'tpu' is not one of 'auto', 'cpu', 'cuda'"),
-    (["submit", "--frames", "0"], 2, "0 is not in the range x>=1"),
-    (["submit", "--device", "tpu"], 1, "Invalid device (tpu). Supported values are auto, cpu, cuda"),
+    (["tune-head", "--frames", "0"], 2, f"1..{MAX_FRAMES}"),
+    (["tune-head", "--device", "tpu"], 2, BAD_DEVICE),
+    (["train-full", "--frames", "0"], 2, FRAMES_RANGE),
+    (["train-full", "--image-size", "40", "--backbone", "inception_resnet_v2.tf_in1k"], 1, IRV2_SIZES),
+    (["train-full", "--device", "tpu"], 2, BAD_DEVICE),
+    (["submit", "--frames", "0"], 2, FRAMES_RANGE),
+    (["submit", "--device", "tpu"], 2, BAD_DEVICE),
 ]
 
 

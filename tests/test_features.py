@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import filecmp
+import json
+import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from _layout import write_dataset
 from click.testing import CliRunner
 
-from arena.cache import CacheError, FeatureCache
-from arena.features import ClipDataset, encode_views, extract_features
+from arena.cache import CacheError, FeatureCache, merge_shards, shard_path
+from arena.cache.provenance import DROPPED_V1_FIELDS, V1_BUILT_WITH
+from arena.cli import main
+from arena.clips import ClipDataset, encode_views
+from arena.features import extract_features, provenance_for
 from arena.model import create_encoder
 from arena.tta import VARIANTS, tta_views
 from arena.video import decode_uniform
@@ -39,7 +45,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def _run(data: Path, out: Path, **kw):
     return extract_features(
-        data=data, cache=out / "features.h5", models=out / "models", frame_counts=COUNTS, workers=0, device="cpu",
+        data=data, cache=out / "features.h5", frame_counts=COUNTS, workers=0, device="cpu",
         **BACKBONE, **kw,
     )
 
@@ -49,6 +55,7 @@ def built(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("built")
     summary = _run(tiny_data, out)
     assert summary.done == 8 and not summary.failed
+    assert not (out / "models").exists()  # features neither need nor make a split
     return out
 
 
@@ -83,8 +90,6 @@ def test_resume_gives_identical_cache(tiny_data, built, tmp_path):
 
 def test_failed_video_is_recorded_and_run_continues(tiny_data, tmp_path):
     data = tmp_path / "data"
-    import shutil
-
     shutil.copytree(tiny_data, data)
     (data / "test" / "broken.mp4").write_text("this is not a video\n" * 10)
     with open(data / "test_public.csv", "a") as f:
@@ -97,13 +102,10 @@ def test_failed_video_is_recorded_and_run_continues(tiny_data, tmp_path):
 
 
 def test_mismatched_cache_is_refused(tiny_data, built, tmp_path):
-    import shutil
-
     shutil.copytree(built, tmp_path / "b")
     with pytest.raises(CacheError, match="weights"):
-        extract_features(data=tiny_data, cache=tmp_path / "b" / "features.h5", models=tmp_path / "b" / "models",
-                         frame_counts=COUNTS, workers=0, device="cpu", backbone="test_resnet", pretrained=False,
-                         image_size=32, seed=4)
+        extract_features(data=tiny_data, cache=tmp_path / "b" / "features.h5", frame_counts=COUNTS, workers=0,
+                         device="cpu", backbone="test_resnet", pretrained=False, image_size=32, seed=4)
 
 
 def test_dataset_needs_exactly_one_frame_spec(tiny_data):
@@ -114,17 +116,75 @@ def test_dataset_needs_exactly_one_frame_spec(tiny_data):
 
 
 def test_cli_refuses_impossible_frames(tiny_data, tmp_path):
-    from arena.cli import main
-
     res = CliRunner().invoke(main, ["features", "--data", str(tiny_data), "--frames", "0,8", "--no-pretrained"])
     assert res.exit_code == 2 and "1..512" in res.output
 
 
 def test_shards_merge_to_the_one_process_cache(tiny_data, built, tmp_path):
     """Two processes' shards (--shard 0/2, 1/2) merge into a file byte-identical to the one-process cache."""
-    from arena.cache import merge_shards, shard_path
-
     for i in range(2):
         _run(tiny_data, tmp_path, shard=(i, 2))
     merge_shards(tmp_path / "merged.h5", [shard_path(tmp_path / "features.h5", i, 2) for i in range(2)])
     assert filecmp.cmp(tmp_path / "merged.h5", built / "features.h5", shallow=False)
+
+
+def test_format1_fields_are_what_the_code_applies_today():
+    """A format-1 cache is read as built with V1_BUILT_WITH: that must be what provenance_for gives now."""
+    encoder = create_encoder(BACKBONE["backbone"], pretrained=False, image_size=32, seed=3)
+    live = provenance_for(encoder, variants=VARIANTS, frame_counts=COUNTS).to_dict()
+    assert {name: live[name] for name in V1_BUILT_WITH} == V1_BUILT_WITH
+
+
+def _as_format1(path: Path) -> None:
+    """Rewrite a cache's provenance attributes as the format-1 release stored them."""
+    with h5py.File(path, "r+") as fh:
+        prov = json.loads(fh.attrs["provenance"])
+        for name in ("decoder", "sampling", "feature_format"):
+            del prov[name], fh.attrs[f"provenance.{name}"]
+        prov.update(interpolation="bilinear", arena_version="0.1.0", split_sha256="ab" * 32)
+        assert set(DROPPED_V1_FIELDS) <= set(prov)
+        fh.attrs["format_version"] = 1
+        fh.attrs["provenance"] = json.dumps(prov, sort_keys=True, separators=(",", ":"))
+        for name, value in prov.items():
+            fh.attrs[f"provenance.{name}"] = json.dumps(value, sort_keys=True)
+
+
+def test_format1_cache_is_used_unchanged(tiny_data, built, tmp_path):
+    """A cache written by the release that stored the split's hash: a rerun of features adds nothing and leaves the
+    file untouched, and its features read as before."""
+    cache = tmp_path / "features.h5"
+    shutil.copy(built / "features.h5", cache)
+    _as_format1(cache)
+    before, mtime = cache.read_bytes(), cache.stat().st_mtime_ns
+    summary = _run(tiny_data, tmp_path)
+    assert summary.skipped == 8 and summary.done == 0
+    assert cache.read_bytes() == before and cache.stat().st_mtime_ns == mtime
+    with FeatureCache.open(cache) as old, FeatureCache.open(built / "features.h5") as new:
+        assert old.provenance == new.provenance
+        np.testing.assert_array_equal(old.batch(old.keys, 6)[0], new.batch(new.keys, 6)[0])
+
+
+def test_cache_outlives_new_splits(tiny_data, built, tmp_path):
+    """`arena split` with another seed, then `--new-split`: the cache is used unchanged by tune-head and features."""
+    cache, models = tmp_path / "features.h5", tmp_path / "models"
+    shutil.copy(built / "features.h5", cache)
+    before, mtime = cache.read_bytes(), cache.stat().st_mtime_ns
+    runner = CliRunner()
+    features = ["features", "--data", str(tiny_data), "--cache", str(cache), "--frames", ",".join(map(str, COUNTS)),
+                "--backbone", "test_resnet", "--no-pretrained", "--image-size", "32", "--seed", "3", "--workers", "0",
+                "--device", "cpu"]
+    tune = ["tune-head", "--data", str(tiny_data), "--cache", str(cache), "--models", str(models), "--n-trials", "1",
+            "--epochs", "1", "--frames", "4", "--device", "cpu"]
+    splits = []
+    for split in (["--seed", "1"], ["--seed", "2", "--new-split"], ["--seed", "3", "--new-split"]):
+        res = runner.invoke(main, ["split", "--data", str(tiny_data), "--out", str(models), *split])
+        assert res.exit_code == 0, res.output
+        splits.append((models / "split.json").read_text())
+        res = runner.invoke(main, tune)
+        assert res.exit_code == 0, res.output
+        assert "best trial" in res.output and (models / "best_head.pt").exists()
+        res = runner.invoke(main, features)
+        assert res.exit_code == 0, res.output
+        assert "done 0 (partial 0), skipped (already cached) 8" in res.output
+        assert cache.read_bytes() == before and cache.stat().st_mtime_ns == mtime
+    assert len(set(splits)) > 1  # the splits really differed

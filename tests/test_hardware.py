@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from arena.errors import OptionError, OutOfMemoryAfterFallback
 from arena.hardware import (
     GpuGuard,
-    OutOfMemoryAfterFallback,
     halving_schedule,
     hardware_summary,
     is_oom,
@@ -72,9 +72,9 @@ def test_unreadable_sensor_while_paused_resumes():
 
 
 def test_bad_thresholds_are_refused():
-    with pytest.raises(ValueError, match="must be below temp_pause_c"):
+    with pytest.raises(OptionError, match="must be below temp_pause_c"):
         GpuGuard(temp_pause_c=70, temp_resume_c=75, read_temp=lambda: 0.0)
-    with pytest.raises(ValueError, match="vram_warn_frac"):
+    with pytest.raises(OptionError, match="vram_warn_frac"):
         GpuGuard(vram_warn_frac=1.5, read_temp=lambda: 0.0)
 
 

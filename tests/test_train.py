@@ -1,4 +1,8 @@
-"""End-to-end fine-tuning on tiny generated videos with a tiny timm backbone (test_resnet at 32 px, 4 frames)."""
+"""End-to-end fine-tuning on tiny generated videos with a tiny timm backbone (test_resnet at 32 px, 4 frames).
+
+Also the pieces of `arena.train`: `arena.train_config`, `arena.train_model` and `arena.train_state`
+(`arena.train_data` and `arena.distributed` have their own test files).
+"""
 
 from __future__ import annotations
 
@@ -16,18 +20,14 @@ import pytest
 import torch
 from _layout import write_dataset
 
+from arena.errors import ArenaError, ModelsError, OptionError, TrainError
 from arena.hardware import GpuGuard
 from arena.model import DetectorHead
-from arena.train import (
-    CHECKPOINT_KEYS,
-    EpochSampler,
-    TrainConfig,
-    build_model,
-    calibrate_head_stats,
-    load_tuned_head,
-    resolve_frames,
-    train,
-)
+from arena.models_folder import DetectorCheckpoint, HeadCheckpoint, resolve_frames
+from arena.train import train
+from arena.train_config import TrainConfig
+from arena.train_model import build_model, calibrate_head_stats, load_tuned_head
+from arena.train_state import config_difference
 
 SIZE = 32
 
@@ -81,7 +81,12 @@ def test_run_writes_checkpoint_with_exactly_the_seed_keys_summary_png_and_log(fu
     models, result = full_run
     assert result.best_path == models / "test_resnet_best.pt"
     best = torch.load(result.best_path, weights_only=True)
-    assert set(best) == set(CHECKPOINT_KEYS)
+    assert set(best) == {"epoch", "model_state_dict", "optimizer_state_dict", "val_acc", "val_f1", "val_auc",
+                         "history", "config"}  # exactly the seed's keys
+    assert {"backbone", "image_size", "seed", "head"} <= set(best["config"])
+    rebuilt = DetectorCheckpoint.load(result.best_path).build()  # what submit/evaluate do with it
+    for key, value in best["model_state_dict"].items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
     assert best["epoch"] == result.best_epoch
     assert isinstance(best["config"], dict) and best["config"]["frames"] == 4 and best["config"]["image_size"] == SIZE
     assert [h["epoch"] for h in best["history"]] == list(range(1, best["epoch"] + 1))
@@ -106,14 +111,14 @@ def test_training_loss_falls_on_a_learnable_toy_set(full_run):
 
 def test_resume_refuses_other_settings_and_finished_runs_do_nothing(full_run, toy_data):
     models, ref = full_run
-    with pytest.raises(ValueError, match=r"other settings: .*lr: saved 0.002, now 0.001.*--resume no"):
+    with pytest.raises(TrainError, match=r"other settings: .*lr: saved 0.002, now 0.001.*--resume no"):
         train(tiny_config(toy_data, models, lr=1e-3), guard=quiet_guard())
     again = train(tiny_config(toy_data, models), guard=quiet_guard())  # finished: nothing to train
     assert again.history == ref.history
 
 
 def test_resume_yes_without_state_is_refused(toy_data, tmp_path):
-    with pytest.raises(ValueError, match="no .*last.pt to continue from"):
+    with pytest.raises(TrainError, match="no .*last.pt to continue from"):
         train(tiny_config(toy_data, tmp_path, resume="yes"), guard=quiet_guard())
 
 
@@ -165,28 +170,36 @@ def test_guard_runs_between_steps_and_a_broken_video_is_skipped_and_reported(toy
     summary = json.loads((tmp_path / "m" / "training_summary.json").read_text())
     assert "train/fake/fake_broken.mp4" in summary["skipped_videos"]
     assert any("skipped (could not decode) train/fake/fake_broken.mp4" in line for line in result.lines())
+    # The command: outputs complete, the skipped video listed, exit status 3.
+    from click.testing import CliRunner
+
+    from arena.cli import main
+
+    cli = CliRunner().invoke(main, cli_args(data, tmp_path / "m_cli", "--epochs", "1"))
+    assert cli.exit_code == 3, cli.output
+    assert "skipped (could not decode) train/fake/fake_broken.mp4" in cli.output
+    assert (tmp_path / "m_cli" / "test_resnet_best.pt").is_file()
 
 
-def test_frames_come_from_the_frame_test_when_present(tmp_path):
-    assert resolve_frames(tmp_path) == (24, "default")
+def test_frames_come_from_the_option_else_the_frame_test_else_24(tmp_path):
+    # train-full asks `arena.models_folder.resolve_frames` (the one resolver, shared with submit and evaluate).
+    assert resolve_frames(tmp_path)[0] == 24
+    assert resolve_frames(tmp_path, 8) == (8, "--frames option")
     (tmp_path / "frame_test.json").write_text(json.dumps({"recommended_frames": 32}))
     assert resolve_frames(tmp_path) == (32, str(tmp_path / "frame_test.json"))
     (tmp_path / "frame_test.json").write_text("{}")
-    with pytest.raises(ValueError, match="frame_test.json: cannot read recommended_frames"):
+    with pytest.raises(ModelsError, match="frame_test.json: cannot read recommended_frames"):
         resolve_frames(tmp_path)
 
 
 def _write_tuned_head(models: Path, *, backbone: str, weights_source: str, dim: int) -> DetectorHead:
-    from arena.tune import HEAD_FORMAT
-
     torch.manual_seed(7)
     head = DetectorHead(dim, attn_dim=32, hidden=256, dropout=0.3)
     head.set_feature_stats(torch.full((dim,), 0.5), torch.full((dim,), 2.0))
-    models.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": HEAD_FORMAT, "state_dict": head.state_dict(), "config": head.config(),
-                "head_config": head.config(), "params": {"lr": 5e-4, "weight_decay": 1e-3, "attn_dim": 32},
-                "provenance": {"backbone": backbone, "weights_source": weights_source, "input_size": [SIZE, SIZE]}},
-               models / "best_head.pt")
+    HeadCheckpoint(config=head.config(), state_dict=head.state_dict(), frames=4,
+                   params={"lr": 5e-4, "weight_decay": 1e-3, "attn_dim": 32},
+                   provenance={"backbone": backbone, "weights_source": weights_source, "input_size": [SIZE, SIZE]},
+                   ).save(models / "best_head.pt")
     return head
 
 
@@ -220,16 +233,47 @@ def test_a_tuned_head_from_other_features_is_not_used(tmp_path):
     _write_tuned_head(tmp_path, backbone="test_resnet", weights_source="random:test_resnet:seed=0", dim=96)
     model = build_model(tiny_config(tmp_path, tmp_path), load_tuned_head(tmp_path))  # seed 3: other weights
     assert model.head_init_source == "default" and model.head.attn_dim == 256
-    with pytest.raises(ValueError, match=r"tuned on other features: weights_source: tuned on "
+    with pytest.raises(ModelsError, match=r"tuned on other features: weights_source: tuned on "
                                          r"'random:test_resnet:seed=0', training 'random:test_resnet:seed=3'"):
         build_model(tiny_config(tmp_path, tmp_path, head_init="tuned"), load_tuned_head(tmp_path))
 
 
 def test_bad_options_are_refused_with_the_allowed_range():
-    with pytest.raises(ValueError, match=r"frames must be in 1..512, got 0"):
+    with pytest.raises(OptionError, match=r"--frames must be in 1..512, got 0"):
         TrainConfig(data="d", frames=0)
-    with pytest.raises(ValueError, match=r"invalid amp \(fp8\). Supported values are auto, fp16, bf16, off"):
+    with pytest.raises(OptionError, match=r"Invalid --amp \(fp8\). Supported values are auto, fp32, bf16, fp16, off"):
         TrainConfig(data="d", amp="fp8")
+    with pytest.raises(OptionError, match=r"Invalid device \(gpu\). Supported values are auto, cpu, cuda or cuda:N"):
+        TrainConfig(data="d", device="gpu")
+    with pytest.raises(OptionError, match=r"--temp-resume \(80.0\) must be below --temp-pause \(78.0\)"):
+        TrainConfig(data="d", temp_resume_c=80.0)
+
+
+def test_amp_off_is_fp32_and_older_precision_spellings_still_resume():
+    assert TrainConfig(data="d", amp="off").amp == "fp32"
+    old = {"amp": "off", "amp_dtype": "off", "lr": 1e-4, "frames_source": "option", "workers": 4}
+    now = {"amp": "fp32", "amp_dtype": "fp32", "lr": 1e-4, "frames_source": "--frames option", "workers": 0}
+    assert config_difference(old, now) == []
+    assert config_difference({"amp_dtype": "bfloat16"}, {"amp_dtype": "bf16"}) == []
+    assert config_difference({"amp": "auto", "amp_dtype": "bfloat16"}, {"amp": "auto", "amp_dtype": "fp32"}) == [
+        "amp_dtype: saved 'bfloat16', now 'fp32'"]
+
+
+def test_fp16_on_a_cpu_is_refused_before_training(toy_data, tmp_path):
+    with pytest.raises(OptionError, match="fp16 needs a CUDA device"):
+        train(tiny_config(toy_data, tmp_path, amp="fp16", device="cpu"), guard=quiet_guard())
+
+
+def test_the_cli_prints_user_errors_without_a_traceback(toy_data, tmp_path):
+    from click.testing import CliRunner
+
+    from arena.cli import main
+
+    (tmp_path / "best_head.pt").write_bytes(b"not a checkpoint")
+    result = CliRunner().invoke(main, cli_args(toy_data, tmp_path, "--head-init", "tuned"))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "best_head.pt: cannot be loaded with weights_only=True" in result.output
+    assert issubclass(ModelsError, ArenaError)
 
 
 def cli_args(data: Path, models: Path, *extra: str) -> list[str]:
@@ -285,21 +329,3 @@ def test_ddp_two_gloo_processes_only_rank0_writes(toy_data, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "last.pt", "split.json", "test_resnet_best.pt", "train.log", "training_curves.png", "training_summary.json"]
     assert proc.stdout.count("train-full: max_epochs after epoch 1") == 1
-
-
-def test_balanced_order_alternates_classes_keeps_each_video_once_and_splits_pairs_across_ranks():
-    labels = [0] * 5 + [1] * 7
-    one = EpochSampler(list(range(12)), world=1, rank=0, shuffle=True, seed=0, labels=labels)
-    one.set_epoch(2)
-    order = [i for _, i in one]
-    assert sorted(order) == list(range(12))
-    assert all({labels[order[j]], labels[order[j + 1]]} == {0, 1} for j in range(0, 10, 2))
-    one.set_epoch(3)
-    assert [i for _, i in one] != order  # reshuffled every epoch (seeded by seed and epoch)
-    ranks = [EpochSampler(list(range(12)), world=2, rank=r, shuffle=True, seed=0, labels=labels) for r in (0, 1)]
-    parts = []
-    for r in ranks:
-        r.set_epoch(2)
-        parts.append([i for _, i in r])
-    assert len(parts[0]) == len(parts[1]) and not set(parts[0]) & set(parts[1])
-    assert all(e == 2 for r in ranks for e, _ in r)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from arena.errors import OptionError
 from arena.tta import (
     VARIANTS,
     TrainAugmentConfig,
@@ -99,7 +100,7 @@ def test_tta_views_stacks_in_order():
 
 
 def test_bad_input_is_refused_with_clear_messages():
-    with pytest.raises(ValueError, match="Unknown TTA variant 'vflip'. Supported values are original, hflip"):
+    with pytest.raises(OptionError, match="Unknown TTA variant 'vflip'. Supported values are original, hflip"):
         tta_view(_clip(), "vflip")
     with pytest.raises(ValueError, match=r"uint8 \[T, 3, H, W\]; got torch.float32"):
         tta_view(_clip().float(), "hflip")
@@ -109,7 +110,7 @@ def test_bad_input_is_refused_with_clear_messages():
         tta_view(_clip()[:0], "hflip")
     with pytest.raises(TypeError, match="ndarray"):
         tta_view(np.zeros((1, 3, 4, 4), np.uint8), "hflip")
-    with pytest.raises(ValueError, match="variants is empty"):
+    with pytest.raises(OptionError, match="variants is empty"):
         tta_views(_clip(), [])
 
 

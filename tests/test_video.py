@@ -4,7 +4,6 @@ shared real-world files."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _shared import shared_video, shared_video_files
 
 from arena import video
 from arena.demo import write_video
+from arena.errors import OptionError
+from arena.sampling import uniform_indices
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg CLI")
 
@@ -85,19 +87,14 @@ def vids(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def shared_videos() -> list[Path]:
-    root = Path(os.environ.get("ARENA_SHARED_VIDEOS", Path(__file__).resolve().parents[2] / "shared" / "videos"))
-    return sorted(p for p in root.glob("*") if p.is_file() and p.suffix != ".tsv") if root.is_dir() else []
-
-
 # ------------------------------------------------------------------------------------------------ exactness
 
 
 def test_uniform_indices_matches_seed():
-    assert video.uniform_indices(300, 24).tolist() == np.linspace(0, 299, 24).astype(int).tolist()
-    assert video.uniform_indices(3, 5).tolist() == [0, 0, 1, 1, 2]
+    assert uniform_indices(300, 24).tolist() == np.linspace(0, 299, 24).astype(int).tolist()
+    assert uniform_indices(3, 5).tolist() == [0, 0, 1, 1, 2]
     with pytest.raises(ValueError, match="num_frames must be >= 1"):
-        video.uniform_indices(0, 4)
+        uniform_indices(0, 4)
 
 
 @pytest.mark.parametrize("name,n", [("gop5", 60), ("gop250", 300)])
@@ -105,7 +102,7 @@ def test_uniform_frames_are_exact(vids, name, n):
     clip = video.decode_uniform(vids[name], 24)
     assert clip.num_source_frames == n == video.source_frame_count(vids[name])
     assert clip.frames.shape == (24, 3, H, W) and clip.frames.dtype == torch.uint8
-    assert clip.frame_indices.tolist() == video.uniform_indices(n, 24).tolist()
+    assert clip.frame_indices.tolist() == uniform_indices(n, 24).tolist()
     assert [read_index(f) for f in clip.frames] == clip.frame_indices.tolist()
     assert clip.valid.all() and not clip.partial
     np.testing.assert_allclose(clip.pts_seconds, clip.frame_indices / 30, atol=1e-6)
@@ -199,7 +196,7 @@ def test_union_rows_equal_subset_decodes(vids, name):
     """The cache decodes the union of uniform indices for several k and reads subsets back."""
     path = vids[name]
     n = video.source_frame_count(path)
-    subsets = {k: video.uniform_indices(n, k) for k in (24, 32, 48)}
+    subsets = {k: uniform_indices(n, k) for k in (24, 32, 48)}
     union = np.unique(np.concatenate(list(subsets.values())))
     whole = video.decode_indices(path, union, size=(24, 36))
     assert whole.num_source_frames == n
@@ -213,9 +210,8 @@ def test_union_rows_equal_subset_decodes(vids, name):
 
 
 def test_shared_real_world_videos():
-    files = shared_videos()
-    if not files:
-        pytest.skip("shared videos folder not found (set ARENA_SHARED_VIDEOS)")
+    files = shared_video_files()
+    assert len(files) >= 10, files  # MANIFEST.tsv lists ten; sub-folders (faces/) are not videos
     for path in files:
         try:
             clip = video.decode_uniform(path, 8, size=(32, 32))
@@ -229,18 +225,14 @@ def test_shared_real_world_videos():
 
 
 def test_shared_corrupted_h264_gives_frames():
-    path = next((p for p in shared_videos() if p.name == "decord_corrupted.mp4"), None)
-    if path is None:
-        pytest.skip("decord_corrupted.mp4 not in the shared videos")
+    path = shared_video("decord_corrupted.mp4")
     clip = video.decode_uniform(path, 24, size=(32, 32))
     assert clip.decoder == "ffmpeg-sequential" and "Could not push packet" in clip.message
     assert clip.valid.sum() >= 23
 
 
 def test_variable_frame_rate_indices_are_frames():
-    path = next((p for p in shared_videos() if p.name == "torchcodec_var_fps_video.mp4"), None)
-    if path is None:
-        pytest.skip("torchcodec_var_fps_video.mp4 not in the shared videos")
+    path = shared_video("torchcodec_var_fps_video.mp4")
     clip = video.decode_indices(path, np.arange(0, 300, 10))
     gaps = np.diff(clip.pts_seconds)
     assert np.all(gaps > 0) and gaps.max() > 1.5 * gaps.min()  # frame indices, not evenly spaced times
@@ -266,8 +258,26 @@ def test_cuda_decode_matches_cpu_geometry(vids):
 def test_cuda_request_without_gpu_falls_back(vids):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    clip = video.decode_uniform(vids["gop5"], 4, device="cuda")
-    assert clip.frames.device.type == "cpu"
+    for device in ("cuda", "cuda:0", "auto"):
+        clip = video.decode_uniform(vids["gop5"], 4, device=device)
+        assert clip.frames.device.type == "cpu"
+
+
+def test_device_and_options_are_checked(vids):
+    for device in ("gpu", "cuda:x", "cpu:0"):
+        with pytest.raises(OptionError, match=rf"Invalid device \({device}\).*auto, cpu, cuda or cuda:N"):
+            video.decode_uniform(vids["gop5"], 4, device=device)
+    with pytest.raises(OptionError, match="Invalid resize"):
+        video.decode_uniform(vids["gop5"], 4, resize="magic")
+    with pytest.raises(OptionError, match=r"size must be \(height, width\)"):
+        video.decode_uniform(vids["gop5"], 4, size=(0, 4))
+
+
+def test_a_folder_is_not_a_video(tmp_path):
+    (tmp_path / "sub.mp4").mkdir()
+    with pytest.raises(video.VideoDecodeError, match="not a regular file"):
+        video.decode_uniform(tmp_path / "sub.mp4", 4)
+    assert video.inspect_videos([tmp_path / "sub.mp4"])[0]["status"] == "error"
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
@@ -287,3 +297,19 @@ def test_inspect_cli(vids):
     assert rows[0]["num_frames"] == 60 and rows[0]["width"] == W and "empty file" in rows[1]["message"]
     res = runner.invoke(main, ["inspect", str(vids["gop5"]), str(vids["text"])])
     assert res.exit_code == 0 and "gop5.mp4" in res.output and "not a readable media file" in res.output
+
+
+def test_missing_shared_videos_skip_locally_and_fail_on_ci(tmp_path, monkeypatch):
+    import _shared
+
+    monkeypatch.setenv("ARENA_SHARED_VIDEOS", str(tmp_path / "absent"))
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="absent not found"):
+        _shared.shared_videos()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="absent not found"):
+        _shared.shared_videos()
+    monkeypatch.setenv("ARENA_SHARED_VIDEOS", str(tmp_path))
+    assert _shared.shared_videos() == tmp_path
+    with pytest.raises(pytest.fail.Exception, match="x.mp4 not found"):
+        _shared.shared_video("x.mp4")

@@ -49,11 +49,11 @@ SCALES: dict[str, dict] = {
                  decode=["--sizes", "360", "--gops", "30", "--repeats", "1", "--methods", "arena,seed,ffmpeg-floor",
                          "--clock", "cpu", "--no-warmup"],
                  features=["--videos", "2", "--image-size", "75", "--frames", "4",
-                           "--workers", "0", "--batch-size", "8", "--backbone", "resnet18"],
+                           "--workers", "0", "--frame-batch", "8", "--backbone", "resnet18"],
                  tune=["--trials", "2", "--videos", "40", "--dim", "16", "--epochs", "2", "--frames", "4,8",
                        "--source-frames", "30"],
                  submit=["--videos", "1", "--frames", "2", "--image-size", "75", "--seconds", "1", "--fps", "8",
-                         "--video-size", "96x64", "--workers", "1", "--backbone", "resnet18", "--batch-size", "8"],
+                         "--video-size", "96x64", "--workers", "1", "--backbone", "resnet18", "--frame-batch", "8"],
                  train=["--image-size", "75", "--frames", "2", "--steps", "1", "--warmup", "1", "--accum-steps", "1",
                         "--backbone", "resnet18"]),
 }

@@ -67,7 +67,8 @@ def m_arena_decoder_resize(path: Path, threads: int) -> None:
 def m_torchcodec_approx(path: Path, threads: int) -> None:
     from torchcodec.decoders import VideoDecoder
 
-    from arena.video import resize_frames, uniform_indices
+    from arena.sampling import uniform_indices
+    from arena.video import resize_frames
 
     dec = VideoDecoder(str(path), seek_mode="approximate", num_ffmpeg_threads=threads)
     idx = uniform_indices(dec.metadata.num_frames, K)

@@ -2,7 +2,7 @@
 
     python tools/bench_features.py [--videos 3] [--image-size 299] [--frames 24,32,48] [--workers 2]
 
-* arena: ``arena.features.extract_features`` (decoder workers, channels_last, bf16 autocast on CPU / fp16 on CUDA,
+* arena: ``arena.features.extract_features`` (decoder workers, channels_last, the runtime's ``auto`` precision,
   batched forward across TTA variants), writing a real cache.
 * naive: the same decode + TTA functions in the main process, fp32, NCHW, one backbone batch per video and
   variant (what a first notebook does).
@@ -30,8 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arena.cache import FeatureCache  # noqa: E402
+from arena.clips import ClipDataset  # noqa: E402
 from arena.data import load_dataset  # noqa: E402
-from arena.features import ClipDataset, extract_features  # noqa: E402
+from arena.features import extract_features  # noqa: E402
 from arena.model import create_encoder  # noqa: E402
 from arena.runtime import autocast, resolve_device  # noqa: E402
 from arena.tta import VARIANTS  # noqa: E402
@@ -65,17 +66,17 @@ def naive_run(items, encoder, frame_counts, variants, device) -> tuple[float, in
     return time.perf_counter() - t0, frames
 
 
-def bare_run(encoder, shape, batches: int, batch_size: int, device) -> tuple[float, int]:
+def bare_run(encoder, shape, batches: int, frame_batch: int, device) -> tuple[float, int]:
     """The encoder alone on random uint8 frames, with arena's precision and memory format."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (batch_size, *shape), generator=g, dtype=torch.uint8)
+    x = torch.randint(0, 256, (frame_batch, *shape), generator=g, dtype=torch.uint8)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for _ in range(batches):
             chunk = x.to(device).contiguous(memory_format=torch.channels_last)
             with autocast(device):
                 encoder(chunk)
-    return time.perf_counter() - t0, batches * batch_size
+    return time.perf_counter() - t0, batches * frame_batch
 
 
 def main() -> None:
@@ -89,7 +90,7 @@ def main() -> None:
     ap.add_argument("--frames", default="24,32,48")
     ap.add_argument("--variants", type=int, default=len(VARIANTS), help="number of TTA variants (1..5)")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--frame-batch", dest="frame_batch", type=int, default=64, help="frames per backbone forward")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--json", default=None)
@@ -111,9 +112,9 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         summary = extract_features(
-            data=data, cache=tmp / "f.h5", models=tmp / "models", frame_counts=frame_counts,
+            data=data, cache=tmp / "f.h5", frame_counts=frame_counts,
             tta=args.variants == len(VARIANTS), backbone=args.backbone, pretrained=False,
-            image_size=args.image_size, device=str(device), workers=args.workers, batch_size=args.batch_size,
+            image_size=args.image_size, device=str(device), workers=args.workers, frame_batch=args.frame_batch,
             limit=args.videos,
         )
         arena_s = time.perf_counter() - t0
@@ -126,8 +127,8 @@ def main() -> None:
 
     encoder_fp32 = create_encoder(args.backbone, pretrained=False, image_size=args.image_size, seed=0).to(device).eval()
     naive_s, naive_frames = naive_run(items, encoder_fp32, frame_counts, variants, device)
-    n_batches = max(1, arena_frames // args.batch_size)
-    bare_s, bare_frames = bare_run(encoder, (3, *encoder.input_size), n_batches, args.batch_size, device)
+    n_batches = max(1, arena_frames // args.frame_batch)
+    bare_s, bare_frames = bare_run(encoder, (3, *encoder.input_size), n_batches, args.frame_batch, device)
 
     arena_fps = arena_frames / arena_s
     naive_fps = naive_frames / naive_s

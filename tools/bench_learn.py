@@ -59,22 +59,16 @@ def main() -> None:
     ap.add_argument("--lr-patience", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"])
+    ap.add_argument("--amp", default="auto", choices=["auto", "fp32", "bf16", "off"])
     args = ap.parse_args()
 
+    from arena.distributed import Dist, EpochSampler
     from arena.hardware import GpuGuard
-    from arena.train import (
-        Dist,
-        EpochSampler,
-        StepContext,
-        TrainClips,
-        TrainConfig,
-        build_model,
-        collate_clips,
-        evaluate,
-        resolve_amp,
-        train,
-    )
+    from arena.runtime import autocast_dtype
+    from arena.train import StepContext, evaluate, train
+    from arena.train_config import TrainConfig
+    from arena.train_data import CollateClips, eval_dataset
+    from arena.train_model import build_model
 
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.data
@@ -99,12 +93,13 @@ def main() -> None:
                           limit_train=n_clips, resume="no", device="cpu")
         scorer = build_model(cfg, None)
         device = torch.device("cpu")
-        ctx = StepContext(device=device, amp_dtype=resolve_amp(args.amp, device), scaler=torch.amp.GradScaler(
+        ctx = StepContext(device=device, amp_dtype=autocast_dtype(device, args.amp), scaler=torch.amp.GradScaler(
             "cpu", enabled=False), guard=guard, dist=Dist(), frames=args.frames, min_frames=args.frames)
-        test_ds = TrainClips(tests, frames=args.frames, size=scorer.encoder.input_size, train=False, seed=0)
+        size = tuple(scorer.encoder.input_size)
+        test_ds = eval_dataset(tests, frames=args.frames, size=size)
         test_loader = torch.utils.data.DataLoader(
             test_ds, batch_size=8, sampler=EpochSampler(test_ds, world=1, rank=0, shuffle=False, seed=0),
-            num_workers=args.workers, collate_fn=collate_clips)
+            num_workers=args.workers, collate_fn=CollateClips(args.frames, size))
         cpu0, wall0 = cpu_seconds(), time.perf_counter()
         rows: list[dict] = []
 

@@ -85,7 +85,8 @@ def _arena(path: Path, resize: str = "tensor", threads: int = 1) -> None:
 def _approx(path: Path) -> None:
     from torchcodec.decoders import VideoDecoder
 
-    from arena.video import resize_frames, uniform_indices
+    from arena.sampling import uniform_indices
+    from arena.video import resize_frames
 
     dec = VideoDecoder(str(path), seek_mode="approximate", num_ffmpeg_threads=1)
     resize_frames(dec.get_frames_at(uniform_indices(dec.metadata.num_frames, 24).tolist()).data, (299, 299))
@@ -161,9 +162,9 @@ def stage_features_workers(args, data: Path | None) -> list[dict]:
     for workers in (0, 1, 2):
         with tempfile.TemporaryDirectory() as tmp:
             t0, c0 = time.perf_counter(), cpu_now()
-            s = extract_features(data=data, cache=Path(tmp) / "f.h5", models=Path(tmp) / "m", frame_counts=(8,),
-                                 backbone=args.backbone, pretrained=False, image_size=args.image_size, device="cpu",
-                                 workers=workers, batch_size=32, limit=args.feature_videos)
+            s = extract_features(data=data, cache=Path(tmp) / "f.h5", frame_counts=(8,), backbone=args.backbone,
+                                 pretrained=False, image_size=args.image_size, device="cpu", workers=workers,
+                                 frame_batch=32, limit=args.feature_videos)
             wall, cpu = time.perf_counter() - t0, cpu_now() - c0
         rows.append(dict(stage="features_workers", series=args.backbone, x=workers, x_unit="decode workers",
                          cpu_s=cpu, wall_s=wall, note=f"{s.frames} frames, {s.frames / wall:.1f} frames/s"))

@@ -1,6 +1,6 @@
 """Benchmark the submission's full-video path: videos/s with decode overlapped in workers vs decoded inline.
 
-Both runs use the same code (arena.predict.predict_items: ClipDataset decode + 5 TTA views -> encode_views ->
+Both runs use the same code (arena.predict.predict_items: arena.clips decode + 5 TTA views -> encode_views ->
 head) on the same generated videos in one process; only ``workers`` differs (N decoding processes running ahead
 of the model vs 0 = decode, then compute, one video after the other). Also measured: decode alone (workers=0, no
 model), so the ideal overlapped rate, 1 / max(decode, compute), can be compared with what the overlap achieves.
@@ -8,7 +8,7 @@ model), so the ideal overlapped rate, 1 / max(decode, compute), can be compared 
 CPU example (random-init InceptionResNetV2 at 299 px, 8 frames, 4 videos):
     python tools/bench_submit.py --videos 4 --frames 8
 GPU example (competition scale, 200 videos of 10 s at 640x360, 24 frames):
-    python tools/bench_submit.py --videos 200 --frames 24 --seconds 10 --device cuda --workers 8 --batch-size 120
+    python tools/bench_submit.py --videos 200 --frames 24 --seconds 10 --device cuda --workers 8 --frame-batch 120
 """
 
 from __future__ import annotations
@@ -25,6 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from arena.clips import ClipDataset, iter_clips
+from arena.data import load_dataset
+from arena.demo import write_video
+from arena.limits import DEFAULT_BACKBONE
+from arena.model import DetectorHead, create_encoder
+from arena.predict import LoadedModel, predict_items
+from arena.runtime import resolve_device
+from arena.tta import VARIANTS
+
 
 @dataclass(frozen=True)
 class _Item:
@@ -35,8 +44,6 @@ class _Item:
 
 def make_videos(folder: Path, n: int, *, width: int, height: int, seconds: float, fps: float, seed: int) -> list:
     """``n`` H.264 videos with moving texture and grain (roughly the decode cost of real footage)."""
-    from arena.demo import write_video
-
     rng = np.random.default_rng(seed)
     t = int(round(seconds * fps))
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -54,12 +61,6 @@ def make_videos(folder: Path, n: int, *, width: int, height: int, seconds: float
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from arena.features import ClipDataset, iter_clips
-    from arena.model import DEFAULT_BACKBONE, DetectorHead, create_encoder
-    from arena.predict import LoadedModel, predict_items
-    from arena.runtime import resolve_device
-    from arena.tta import VARIANTS
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--videos", type=int, default=4)
     ap.add_argument("--frames", type=int, default=8, help="frames per video (the submission's default is 24)")
@@ -70,15 +71,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--fps", type=float, default=25.0)
     ap.add_argument("--workers", type=int, default=2, help="decoding processes of the overlapped run")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--no-amp", action="store_true")
+    ap.add_argument("--frame-batch", type=int, default=64, help="frames per backbone forward pass")
+    ap.add_argument("--no-amp", action="store_true", help="float32 (else the runtime's auto precision)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--data", type=Path, default=None,
                     help="take the videos from this dataset (test, then train) instead of generating them")
     args = ap.parse_args(argv)
-    if args.videos < 1 or args.frames < 1 or args.workers < 1:
-        ap.error("--videos, --frames and --workers must be >= 1")
+    if args.videos < 1 or args.frames < 1 or args.workers < 1 or args.frame_batch < 1:
+        ap.error("--videos, --frames, --workers and --frame-batch must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     width, height = (int(v) for v in args.video_size.lower().split("x"))
@@ -91,13 +92,12 @@ def main(argv: list[str] | None = None) -> dict:
     head = DetectorHead(encoder.feature_dim).to(dev).eval()
     model = LoadedModel("head-only", encoder, head, args.frames, "--frames", tuple(VARIANTS), Path("<bench>"),
                         round_fp16=True)
-    run_opts = dict(device=dev, batch_size=args.batch_size, amp=not args.no_amp, progress=False)
+    run_opts = dict(device=dev, frame_batch=args.frame_batch, precision="fp32" if args.no_amp else "auto",
+                    progress=False)
 
     with tempfile.TemporaryDirectory(prefix="bench_submit_") as tmp:
         t0 = time.perf_counter()
         if args.data is not None:  # e.g. on a machine without the FFmpeg CLI to encode with
-            from arena.data import load_dataset
-
             dataset = load_dataset(args.data)
             items = (list(dataset.test) + list(dataset.train))[: args.videos]
             args.videos = len(items)

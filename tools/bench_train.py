@@ -39,16 +39,21 @@ def main() -> None:
     ap.add_argument("--accum-steps", type=int, default=4)
     ap.add_argument("--steps", type=int, default=4, help="timed steps (after --warmup untimed ones)")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--amp", choices=["auto", "fp16", "bf16", "off"], default="auto")
+    ap.add_argument("--amp", choices=["auto", "fp32", "bf16", "fp16", "off"], default="auto",
+                    help="precision, arena.runtime's policy (auto: bf16 where native, else fp16 on CUDA / fp32)")
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args()
 
+    from arena.distributed import Dist
     from arena.hardware import GpuGuard
-    from arena.runtime import resolve_device
-    from arena.train import Dist, StepContext, TrainConfig, build_model, resolve_amp, train_one_epoch
+    from arena.runtime import autocast_dtype, needs_grad_scaler, precision_name, resolve_device
+    from arena.train import StepContext, train_one_epoch
+    from arena.train_config import TrainConfig
+    from arena.train_data import ClipBatch
+    from arena.train_model import build_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,9 +64,9 @@ def main() -> None:
     model = build_model(cfg, None).to(device)
     if device.type == "cuda":
         model.encoder.to_channels_last()
-    amp = resolve_amp(args.amp, device)
+    amp = autocast_dtype(device, args.amp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(amp))
     guard = GpuGuard(read_temp=lambda: None, read_mem=lambda: None, log=lambda m: None)
     ctx = StepContext(device=device, amp_dtype=amp, scaler=scaler, guard=guard, dist=Dist(), frames=args.frames,
                       min_frames=min(4, args.frames))
@@ -69,13 +74,13 @@ def main() -> None:
     h, w = model.encoder.input_size
     gen = torch.Generator().manual_seed(0)
 
-    def batches(n: int) -> list[dict]:
-        return [{
-            "frames": torch.randint(0, 256, (args.batch_size, args.frames, 3, h, w), dtype=torch.uint8, generator=gen),
-            "valid": torch.ones(args.batch_size, args.frames, dtype=torch.bool),
-            "label": torch.arange(args.batch_size) % 2, "index": torch.arange(args.batch_size) + 100 * i,
-            "ok": torch.ones(args.batch_size, dtype=torch.bool), "key": [f"v{i}_{j}" for j in range(args.batch_size)],
-            "message": [""] * args.batch_size} for i in range(n)]
+    def batches(n: int) -> list[ClipBatch]:
+        return [ClipBatch(
+            frames=torch.randint(0, 256, (args.batch_size, args.frames, 3, h, w), dtype=torch.uint8, generator=gen),
+            valid=torch.ones(args.batch_size, args.frames, dtype=torch.bool),
+            label=torch.arange(args.batch_size) % 2, index=torch.arange(args.batch_size) + 100 * i,
+            ok=torch.ones(args.batch_size, dtype=torch.bool), key=[f"v{i}_{j}" for j in range(args.batch_size)],
+            message=[""] * args.batch_size) for i in range(n)]
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -91,7 +96,7 @@ def main() -> None:
     videos = args.steps * args.batch_size
     result = {
         "backbone": args.backbone, "image_size": args.image_size, "frames": args.frames,
-        "batch_size": args.batch_size, "accum_steps": args.accum_steps, "amp": str(amp).replace("torch.", ""),
+        "batch_size": args.batch_size, "accum_steps": args.accum_steps, "amp": precision_name(amp),
         "grad_checkpointing": args.grad_checkpointing, "steps": args.steps,
         "seconds_per_video": round(seconds / videos, 4), "seconds_per_frame": round(seconds / videos / args.frames, 5),
         "cpu_seconds_per_video": round(cpu / videos, 4),  # steadier than wall time on a shared machine

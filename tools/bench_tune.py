@@ -34,9 +34,9 @@ def video_block(rng: np.random.Generator, label: int, n_frames: int, dim: int, i
 
 def build_store(n_videos: int, frame_counts: tuple[int, ...], dim: int, n_source: int, seed: int,
                 via_cache: Path | None):
-    from arena.cache import CacheWriter, FeatureCache, Provenance, union_indices
-    from arena.tune import HeadData, HeadDataStore
-    from arena.video import uniform_indices
+    from arena.cache import FEATURE_FORMAT, CacheWriter, FeatureCache, Provenance
+    from arena.head_data import HeadData, HeadDataStore
+    from arena.sampling import sampling_spec, uniform_indices, union_indices
 
     rng = np.random.default_rng(seed)
     labels = np.arange(n_videos) % 2
@@ -46,9 +46,9 @@ def build_store(n_videos: int, frame_counts: tuple[int, ...], dim: int, n_source
     keys = [f"train/{'fake' if y else 'real'}/v{i:04d}.mp4" for i, y in enumerate(labels)]
     if via_cache is not None:
         prov = Provenance(backbone="synthetic", weights_source="random:seed=0", weights_hash="0" * 64,
-                          input_size=(299, 299), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic", tta={},
-                          variants=VARIANTS, frame_counts=frame_counts, arena_version="bench", split_sha256="",
-                          feature_dim=dim)
+                          input_size=(299, 299), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic",
+                          decoder={}, tta={}, variants=VARIANTS, sampling=sampling_spec(), frame_counts=frame_counts,
+                          feature_dim=dim, feature_format=FEATURE_FORMAT)
         with CacheWriter(via_cache, prov) as w:
             for key, y in zip(keys, labels, strict=True):
                 w.write(key, features=video_block(rng, int(y), len(union), dim, 24), frame_indices=union,
@@ -94,7 +94,9 @@ def main() -> None:
 
     import optuna
 
-    from arena.tune import TrainConfig, create_storage, run_study
+    from arena.head_train import HeadTrainConfig
+    from arena.study import run_study
+    from arena.study_storage import create_storage
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,7 +109,7 @@ def main() -> None:
         for k in frame_counts:
             store.get(k)  # load every frame count before timing, as a long study would
         t_build = time.perf_counter() - t0
-        config = TrainConfig(max_epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
+        config = HeadTrainConfig(max_epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
                              seed=args.seed)
         t0, c0 = time.perf_counter(), time.process_time()
         study = run_study(store, storage=create_storage(f"sqlite:///{tmp}/optuna.db"), study_name="bench",

@@ -135,11 +135,11 @@ def _tool(args, name: str, extra: list[str], tag: str | None = None) -> dict:
 
 def step_features(args) -> dict:
     if args.tiny:
-        extra = ["--videos", "2", "--image-size", "75", "--frames", "4", "--workers", "0", "--batch-size", "8",
+        extra = ["--videos", "2", "--image-size", "75", "--frames", "4", "--workers", "0", "--frame-batch", "8",
                  "--backbone", "resnet18"]
     else:
         extra = ["--videos", str(2 * args.n_train), "--frames", "24,32,48", "--workers", str(args.workers),
-                 "--batch-size", "120"]
+                 "--frame-batch", "120"]
     r = _tool(args, "features", [*extra, "--device", args.device, "--data", str(args.data), "--out", args.work])
     r["pipeline_over_bare"] = r["arena_fps"] / r["bare_fps"]
     r["arena_over_naive"] = r["arena_fps"] / r["naive_fps"]
@@ -162,9 +162,9 @@ def step_train(args) -> dict:
 
 def step_submit(args) -> dict:
     extra = (["--videos", "1", "--frames", "2", "--image-size", "75", "--seconds", "1", "--fps", "8",
-              "--video-size", "96x64", "--workers", "1", "--backbone", "resnet18", "--batch-size", "8"]
+              "--video-size", "96x64", "--workers", "1", "--backbone", "resnet18", "--frame-batch", "8"]
              if args.tiny else ["--videos", str(args.submit_videos), "--frames", "24", "--seconds", "10", "--fps", "30",
-                                "--workers", str(args.workers), "--batch-size", "120", "--data", str(args.data)])
+                                "--workers", str(args.workers), "--frame-batch", "120", "--data", str(args.data)])
     r = _tool(args, "submit", [*extra, "--device", args.device])
     best = max(r["runs"].values(), key=lambda x: x["videos_per_s"])
     r["seconds_for_200_videos"] = 200 / best["videos_per_s"]

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arena.cache import FeatureCache  # noqa: E402
-from arena.data import read_csv_rows  # noqa: E402
+from arena.csvfile import read_csv_rows  # noqa: E402
 from arena.metrics import auc  # noqa: E402
 
 

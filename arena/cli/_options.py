@@ -1,0 +1,78 @@
+"""Options shared by several commands: one name, one meaning, one range everywhere."""
+
+from __future__ import annotations
+
+import click
+
+from arena.limits import DEFAULT_BACKBONE, MAX_FRAMES, MAX_IMAGE_SIZE, MAX_WORKERS, MIN_IMAGE_SIZE
+
+
+def parse_frame_counts(ctx, param, value: str) -> tuple[int, ...]:
+    """Parse ``24,32,48`` into sorted unique positive ints, refusing anything else with the allowed range."""
+    try:
+        counts = sorted({int(x) for x in str(value).split(",") if x.strip()})
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give comma-separated frame counts, e.g. 24,32,48") from None
+    if not counts or counts[0] < 1 or counts[-1] > MAX_FRAMES:
+        raise click.BadParameter(f"{value!r}: each frame count must be in 1..{MAX_FRAMES}")
+    return tuple(counts)
+
+
+def parse_shard(ctx, param, value: str | None) -> tuple[int, int] | None:
+    """``--shard i/n`` through the cache's one parser (`arena.cache.parse_shard`)."""
+    if value is None:
+        return None
+    from arena.cache import parse_shard as parse  # h5py: imported when --shard is given, not for --help
+    from arena.errors import OptionError
+
+    try:
+        return parse(value)
+    except OptionError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def backbone_options(f):
+    """The options that choose and load the backbone, shared by every command that builds one."""
+    f = click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the random backbone (--no-pretrained) and of everything random.")(f)
+    f = click.option("--image-size", type=click.IntRange(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=None,
+                     help="Input size (square); default: the backbone's own (299 for inception_resnet_v2).")(f)
+    f = click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Local .pth/.safetensors backbone weights (instead of the timm hub).")(f)
+    f = click.option("--pretrained/--no-pretrained", default=True, show_default=True,
+                     help="ImageNet weights from the timm hub cache, or a random backbone (tests, demo).")(f)
+    f = click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True,
+                     help="timm model name.")(f)
+    return f
+
+
+def _check_device(ctx, param, value: str) -> str:
+    from arena.runtime import check_device_name  # torch: imported when a command runs, not for --help
+
+    try:
+        return check_device_name(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def device_option(f):
+    """``--device auto|cpu|cuda|cuda:N``: the same choice on every command."""
+    return click.option("--device", default="auto", show_default=True, callback=_check_device,
+                        help="auto, cpu, cuda or cuda:N (auto: the first CUDA GPU when there is one).")(f)
+
+
+def video_batch_option(default: int, *, help: str = "Videos per step.", maximum: int = 4096):
+    """``--batch-size``: always counts videos."""
+    return click.option("--batch-size", type=click.IntRange(1, maximum), default=default, show_default=True,
+                        help=help)
+
+
+def frame_batch_option(f):
+    """``--frame-batch``: frames per backbone forward (features, submit, evaluate)."""
+    return click.option("--frame-batch", type=click.IntRange(1, 4096), default=64, show_default=True,
+                        help="Frames per backbone forward pass (all views of a video are flattened into these).")(f)
+
+
+def workers_option(f):
+    return click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=2, show_default=True,
+                        help="Decoding processes running ahead of the model (0: decode in the main process).")(f)

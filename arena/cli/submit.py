@@ -1,0 +1,100 @@
+"""`arena submit` and `arena evaluate`: the full-video path."""
+
+from __future__ import annotations
+
+import click
+
+from arena.cli._main import main
+from arena.cli._options import device_option, frame_batch_option, workers_option
+from arena.limits import MAX_FRAMES
+
+_MODEL_KINDS = ["auto", "finetuned", "head-only"]
+
+
+def _precision(amp: bool) -> str:
+    """``--amp`` is the one precision policy's ``auto`` (bf16/fp16 only where the hardware runs it natively)."""
+    return "auto" if amp else "fp32"
+
+
+def _model_options(f):
+    """--model, --frames, --device, --workers, --frame-batch, --amp: how the full-video path runs."""
+    f = click.option("--amp/--no-amp", default=True, show_default=True,
+                     help="Autocast where the hardware runs it natively (bf16/fp16 on CUDA, bf16 on CPUs with "
+                          "AVX512-BF16/AMX, else float32); --no-amp: always float32.")(f)
+    f = frame_batch_option(f)
+    f = workers_option(f)
+    f = device_option(f)
+    f = click.option("--frames", type=click.IntRange(1, MAX_FRAMES), default=None,
+                     help="Frames per video [default: frame_test.json's recommendation, else 24].")(f)
+    f = click.option("--model", "kind", type=click.Choice(_MODEL_KINDS), default="auto", show_default=True,
+                     help="auto: the fine-tuned checkpoint when present, else the tuned head.")(f)
+    return f
+
+
+@main.command("submit")
+@click.option("--data", "data", type=click.Path(file_okay=False), required=True,
+              help="Data folder with test_public.csv and test/.")
+@click.option("--models", type=click.Path(file_okay=False), required=True,
+              help="Models folder: <backbone>_best.pt (train-full) or best_head.pt (tune-head).")
+@click.option("--out", type=click.Path(dir_okay=False), default="SUBMISSION_DIRECTORY/PREDICTIONS.CSV",
+              show_default=True, help="The submission CSV; predictions_detail.csv is written beside it.")
+@_model_options
+@click.option("--tta/--no-tta", default=True, show_default=True, help="Average the five TTA variants.")
+@click.option("--verify", "verify", type=click.Path(), default=None,
+              help="Feature cache to verify the full path against (fails above 1e-3 in p_fake).")
+@click.option("--verify-sample", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Test videos compared by --verify.")
+@click.option("--verify-all", is_flag=True, help="Compare every test video with --verify.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed (torch, verification sample).")
+def submit_cmd(data: str, models: str, out: str, kind: str, frames: int | None, device: str, workers: int,
+               frame_batch: int, amp: bool, tta: bool, verify: str | None, verify_sample: int, verify_all: bool,
+               seed: int) -> None:
+    """Predict every test video (decode -> 5 TTA views -> backbone -> head), validate and write the CSV.
+
+    Exit status: 0 complete; 3 complete and valid, but some rows are 0.5 because their video could not be
+    predicted (listed in predictions_detail.csv); 1 nothing written (the previous CSV is untouched).
+    """
+    from arena.submit import make_submission
+
+    result = make_submission(data=data, models=models, out=out, kind=kind, frames=frames, tta=tta, device=device,
+                             workers=workers, frame_batch=frame_batch, precision=_precision(amp), verify=verify,
+                             verify_sample=None if verify_all else verify_sample, seed=seed, echo=click.echo)
+    failed = [p for p in result.predictions if p.status == "failed"]
+    if failed:
+        click.echo(f"{len(failed)} row(s) are 0.5 because the video could not be predicted (see "
+                   f"{result.report.detail_path}).")
+        raise SystemExit(3)  # the CSV is complete and valid, but some rows carry no prediction
+
+
+@main.command("evaluate")
+@click.option("--data", "data", type=click.Path(file_okay=False), required=True, help="Data folder.")
+@click.option("--models", type=click.Path(file_okay=False), required=True,
+              help="Models folder (model and split.json).")
+@click.option("--split", type=click.Choice(["val"]), default="val", show_default=True,
+              help="Evaluate on the persisted validation split (unless --labels is given).")
+@click.option("--labels", type=click.Path(dir_okay=False), default=None,
+              help="CSV of test labels (e.g. the demo's test_labels.csv): evaluate on the test videos instead.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="JSON output [default: MODELS/evaluation.json]; attention PNGs go to its folder's attention/.")
+@click.option("--attention", multiple=True, help="Video key for the attention report (repeatable).")
+@click.option("--attention-first", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also report attention for the first N evaluated videos.")
+@_model_options
+@click.option("--seed", type=int, default=0, show_default=True)
+def evaluate_cmd(data: str, models: str, split: str, labels: str | None, out: str | None, attention: tuple[str, ...],
+                 attention_first: int, kind: str, frames: int | None, device: str, workers: int, frame_batch: int,
+                 amp: bool, seed: int) -> None:
+    """AUC, log loss, accuracy, F1 and confusion with and without TTA; attention report for chosen videos.
+
+    Exit status: 0 complete; 3 written, but some videos could not be predicted (counted as 0.5).
+    """
+    from arena.evaluate import evaluate, metrics_lines
+
+    result = evaluate(data=data, models=models, split=split, labels=labels, out=out, attention=attention,
+                      attention_first=attention_first, kind=kind, frames=frames, device=device, workers=workers,
+                      frame_batch=frame_batch, precision=_precision(amp), seed=seed)
+    for line in metrics_lines(result):
+        click.echo(line)
+    if result["failed"]:
+        click.echo(f"{len(result['failed'])} video(s) could not be predicted and count as 0.5 in the metrics.")
+        raise SystemExit(3)

@@ -1,0 +1,90 @@
+"""`arena train-full`: end-to-end fine-tuning."""
+
+from __future__ import annotations
+
+import click
+
+from arena.cli._main import main
+from arena.cli._options import backbone_options, device_option, video_batch_option, workers_option
+from arena.limits import MAX_FRAMES
+
+
+@main.command("train-full")
+@click.option("--data", type=click.Path(exists=True, file_okay=False), required=True, help="Dataset folder.")
+@click.option("--models", type=click.Path(file_okay=False), default="models", show_default=True,
+              help="Output folder (split.json, frame_test.json and best_head.pt are read from it when present).")
+@backbone_options
+@click.option("--frames", type=click.IntRange(1, MAX_FRAMES), default=None,
+              help="Frames per video; default: frame_test.json's recommendation, else 24.")
+@video_batch_option(1, help="Videos per step (each of --frames frames).", maximum=256)
+@click.option("--accum-steps", type=click.IntRange(1, 1024), default=4, show_default=True,
+              help="Gradient accumulation steps (effective batch = batch size x steps x processes).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True,
+              help="AdamW learning rate of the backbone (and of the head without a tuned one).")
+@click.option("--head-lr", type=click.FloatRange(0, min_open=True), default=None,
+              help="Head learning rate; default: the tuned head's, else --lr.")
+@click.option("--weight-decay", type=click.FloatRange(0), default=1e-5, show_default=True)
+@click.option("--epochs", type=click.IntRange(1, 10_000), default=30, show_default=True, help="At most this many.")
+@click.option("--lr-patience", type=click.IntRange(0), default=2, show_default=True,
+              help="ReduceLROnPlateau patience on validation loss (epochs).")
+@click.option("--es-patience", type=click.IntRange(1), default=3, show_default=True,
+              help="Early stopping patience on validation loss (epochs).")
+@click.option("--amp", type=click.Choice(["auto", "fp32", "bf16", "fp16", "off"]), default="auto", show_default=True,
+              help="Autocast precision. auto: bf16 where the hardware runs it natively (CUDA GPUs with bf16, CPUs "
+                   "with AVX512-BF16/AMX), fp16 with a GradScaler on older CUDA GPUs, else fp32; fp16 needs CUDA; "
+                   "off = fp32.")
+@click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True,
+              help="Recompute backbone activations in backward (the seed's settings in 4 GB of VRAM).")
+@click.option("--head-init", type=click.Choice(["auto", "tuned", "default"]), default="auto", show_default=True,
+              help="auto: start from tune-head's best_head.pt when it exists.")
+@click.option("--head-stats", type=click.Choice(["auto", "keep", "train"]), default="auto", show_default=True,
+              help="Head input standardisation: keep the tuned one, or recompute it from train-mode features "
+                   "(auto: recompute for a tuned head on a random-init backbone).")
+@click.option("--balanced/--no-balanced", default=True, show_default=True,
+              help="Class-balanced training order: real and fake clips alternate, so each batch holds both.")
+@device_option
+@workers_option
+@click.option("--resume", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              is_flag=False, flag_value="yes",
+              help="auto: continue an unfinished last.pt with the same settings; --resume: require it; no: start over.")
+@click.option("--limit-train", type=click.IntRange(2), default=None, help="At most N training videos (quick runs).")
+@click.option("--limit-val", type=click.IntRange(2), default=None, help="At most N validation videos.")
+@click.option("--min-frames", type=click.IntRange(1, MAX_FRAMES), default=4, show_default=True,
+              help="Fewest frames an out-of-memory retry may fall back to.")
+@click.option("--temp-pause", type=click.FloatRange(30, 110), default=78.0, show_default=True,
+              help="Pause when the GPU reaches this temperature (°C).")
+@click.option("--temp-resume", type=click.FloatRange(20, 105), default=72.0, show_default=True,
+              help="Resume when it has cooled to this (°C).")
+@click.option("--vram-warn", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+              help="Warn and empty the CUDA cache at this fraction of VRAM in use.")
+@click.option("--empty-cache-each-video/--no-empty-cache-each-video", default=False, show_default=True)
+def train_full_cmd(data, models, backbone, pretrained, weights, image_size, seed, frames, batch_size, accum_steps, lr,
+                   head_lr, weight_decay, epochs, lr_patience, es_patience, amp, grad_checkpointing, head_init,
+                   head_stats, balanced, device, workers, resume, limit_train, limit_val, min_frames, temp_pause,
+                   temp_resume, vram_warn, empty_cache_each_video):
+    """Fine-tune backbone + attention head end to end (resumable; DDP under torchrun -m arena train-full).
+
+    Under torchrun each process uses GPU LOCAL_RANK (choose the GPUs with CUDA_VISIBLE_DEVICES); --device cuda:N
+    is for one process per machine.
+    """
+    import logging
+
+    from arena.train import train
+    from arena.train_config import TrainConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = TrainConfig(
+        data=data, models=models, backbone=backbone, pretrained=pretrained and weights is None, weights=weights,
+        image_size=image_size, frames=frames, batch_size=batch_size, accum_steps=accum_steps, lr=lr,
+        head_lr=head_lr, weight_decay=weight_decay, epochs=epochs, lr_patience=lr_patience,
+        es_patience=es_patience, amp=amp, grad_checkpointing=grad_checkpointing, head_init=head_init,
+        head_stats=head_stats, balanced=balanced, workers=workers, seed=seed, device=device, resume=resume,
+        limit_train=limit_train, limit_val=limit_val, min_frames=min_frames, temp_pause_c=temp_pause,
+        temp_resume_c=temp_resume, vram_warn_frac=vram_warn, empty_cache_each_video=empty_cache_each_video,
+    )
+    result = train(cfg)  # an ArenaError (data, split, weights, options, resume mismatch) is printed by the group
+    if result.main:
+        for line in result.lines():
+            click.echo(line)
+    if result.skipped:
+        raise SystemExit(3)  # outputs complete, but some videos could not be decoded (listed above)

@@ -1,0 +1,208 @@
+"""The one clip pipeline: decode -> (augment) -> views, shared by ``features``, ``train-full`` and ``submit``.
+
+``ClipDataset`` holds only paths (decoders are created inside the DataLoader worker that decodes) and yields one
+``ClipViews`` per video: uint8 views ``[V, T, 3, H, W]``, the source frame indices and the attention mask.
+
+* Cache and submission: ``views`` are the TTA variants (``arena.tta``) of the uniformly sampled frames.
+* Training: the same decode, then the ``augment`` hook (one random draw per clip from a generator seeded by
+  (seed, epoch, index)) gives a single view; validation clips use the ``original`` variant, as the cache does.
+
+``encode_views`` runs the backbone over every view: the same function for the cache and for the full-video path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from arena.errors import VideoDecodeError
+from arena.runtime import autocast
+from arena.sampling import uniform_indices
+from arena.tta import tta_views
+from arena.video import decode_selected
+
+Augment = Callable[[torch.Tensor, np.random.Generator], torch.Tensor]  # uint8 [T,3,H,W], rng -> uint8 [T,3,H,W]
+STATUSES = ("ok", "partial", "failed")
+
+
+@dataclass
+class ClipViews:
+    """One decoded video, ready for the backbone.
+
+    Attributes:
+        key: the video's key (path relative to the data folder).
+        views: uint8 ``[V, T, 3, H, W]`` (one row per TTA variant, or the one augmented view), None when failed.
+        frame_indices: int64 ``[T]`` source frame index of each row.
+        valid: bool ``[T]``: False where a row repeats an earlier frame (the attention mask).
+        num_source_frames: frames the video really yields (the n of ``linspace(0, n-1, k)``); 0 when failed.
+        status: ``ok``, ``partial`` (fewer distinct frames than asked, repeated) or ``failed``.
+        message: why partial or failed.
+        label: 0 real, 1 fake, None unknown.
+        index: position of the video in its dataset.
+    """
+
+    key: str
+    views: torch.Tensor | None
+    frame_indices: np.ndarray
+    valid: np.ndarray
+    num_source_frames: int
+    status: str
+    message: str = ""
+    label: int | None = None
+    index: int = -1
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"Invalid status ({self.status}). Supported values are {', '.join(STATUSES)}.")
+        if self.views is not None:
+            if self.views.dtype != torch.uint8 or self.views.ndim != 5:
+                got = f"{self.views.dtype} {tuple(self.views.shape)}"
+                raise ValueError(f"views must be uint8 [V, T, 3, H, W], got {got}")
+            if self.views.shape[1] != len(self.frame_indices) or len(self.valid) != len(self.frame_indices):
+                raise ValueError("views, frame_indices and valid disagree on the number of frames")
+
+    @property
+    def ok(self) -> bool:
+        return self.views is not None
+
+    def __repr__(self) -> str:
+        shape = None if self.views is None else tuple(self.views.shape)
+        return f"ClipViews(key={self.key!r}, views={shape}, status={self.status!r}, n={self.num_source_frames})"
+
+
+class ClipDataset(Dataset):
+    """Decode -> views for a list of videos; safe for DataLoader worker processes.
+
+    Args:
+        items: objects with ``key``, ``path`` and ``label`` (``arena.data.VideoItem``).
+        size: (height, width) the decoder resizes to: the backbone's input size.
+        variants: TTA variant names (``arena.tta.VARIANTS`` or a subset); ignored when ``augment`` is given.
+        frames: decode ``k`` uniformly spaced frames (the full-video and training paths).
+        frame_counts: decode the union of the uniform indices of every k (the cache path). Give exactly one of
+            ``frames`` and ``frame_counts``.
+        augment: training hook ``augment(frames, rng) -> frames``; with it the clip has one view, augmented with a
+            generator seeded by ``(seed, epoch, index)``, so a clip is the same whichever worker decodes it and
+            whether or not the run was resumed. Index the dataset with ``(epoch, index)`` keys then.
+        seed: the augmentation seed.
+        num_threads: FFmpeg threads per decoder.
+        decode_device: ``cpu`` or ``cuda`` (NVDEC; the decoder falls back to CPU by itself where it cannot).
+    """
+
+    def __init__(
+        self,
+        items: Sequence,
+        *,
+        size: tuple[int, int],
+        variants: Sequence[str] = ("original",),
+        frames: int | None = None,
+        frame_counts: Sequence[int] | None = None,
+        augment: Augment | None = None,
+        seed: int = 0,
+        num_threads: int = 1,
+        decode_device: str = "cpu",
+    ) -> None:
+        if (frames is None) == (frame_counts is None):
+            raise ValueError("Give exactly one of frames (full-video path) and frame_counts (cache path).")
+        counts = [frames] if frames is not None else list(frame_counts)
+        if any(int(k) < 1 for k in counts):
+            raise ValueError(f"Frame counts must be >= 1, got {counts}.")
+        if not variants and augment is None:
+            raise ValueError("at least one TTA variant is needed (e.g. 'original').")
+        self.items = list(items)
+        self.size = (int(size[0]), int(size[1]))
+        self.variants = tuple(variants)
+        self.frames = frames
+        self.frame_counts = tuple(sorted({int(k) for k in frame_counts})) if frame_counts is not None else None
+        self.augment = augment
+        self.seed = int(seed)
+        self.num_threads = num_threads
+        self.decode_device = decode_device
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def indices_for(self, num_source_frames: int) -> np.ndarray:
+        """Source frame indices this dataset decodes for a video of ``num_source_frames`` frames."""
+        if self.frames is not None:
+            return uniform_indices(num_source_frames, self.frames)
+        return np.unique(np.concatenate([uniform_indices(num_source_frames, k) for k in self.frame_counts]))
+
+    def __getitem__(self, key: int | tuple[int, int]) -> ClipViews:
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        item = self.items[i]
+        empty = np.zeros(0, dtype=np.int64)
+        try:
+            clip = decode_selected(
+                item.path, self.indices_for, size=self.size, device=self.decode_device, num_threads=self.num_threads
+            )
+            frames = clip.frames.cpu()
+            if self.augment is not None:
+                views = self.augment(frames, np.random.default_rng([self.seed, epoch, i])).unsqueeze(0)
+            else:
+                views = tta_views(frames, self.variants)
+        except VideoDecodeError as exc:
+            # A broken video costs its own row or training step, never the run: recorded as failed with the reason.
+            return ClipViews(item.key, None, empty, empty.astype(bool), 0, "failed", str(exc), item.label, index=i)
+        return ClipViews(
+            key=item.key,
+            views=views,
+            frame_indices=np.asarray(clip.frame_indices, dtype=np.int64),
+            valid=np.asarray(clip.valid, dtype=bool),
+            num_source_frames=int(clip.num_source_frames),
+            status="partial" if clip.partial else "ok",
+            message=clip.message,
+            label=item.label,
+            index=i,
+        )
+
+
+def _identity(x):
+    return x
+
+
+def make_loader(dataset: ClipDataset, *, workers: int, prefetch: int = 2) -> DataLoader:
+    """A DataLoader yielding one ``ClipViews`` at a time, decoding ``workers`` videos ahead of the model."""
+    return DataLoader(
+        dataset,
+        batch_size=None,  # one video per item: videos have different frame counts
+        shuffle=False,
+        num_workers=workers,
+        prefetch_factor=prefetch if workers > 0 else None,
+        persistent_workers=False,
+        collate_fn=_identity,
+    )
+
+
+def iter_clips(dataset: ClipDataset, *, workers: int) -> Iterator[ClipViews]:
+    """Decoded clips in dataset order, decoding in ``workers`` processes while the caller computes."""
+    yield from make_loader(dataset, workers=workers)
+
+
+@torch.inference_mode()
+def encode_views(
+    encoder: torch.nn.Module,
+    views: torch.Tensor,
+    *,
+    device: torch.device,
+    frame_batch: int = 64,
+    precision: str = "auto",
+) -> torch.Tensor:
+    """Run the backbone over every frame of every view: uint8 ``[V, T, 3, H, W]`` -> float32 ``[V, T, d]``.
+
+    Frames of all variants are flattened into batches of ``frame_batch`` frames, so the backbone sees full batches
+    whatever the number of frames per video. ``precision`` follows `arena.runtime.autocast_dtype`.
+    """
+    v, t = views.shape[:2]
+    flat = views.reshape(v * t, *views.shape[2:])
+    out = []
+    for start in range(0, flat.shape[0], frame_batch):
+        chunk = flat[start : start + frame_batch].to(device, non_blocking=True)
+        chunk = chunk.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            feats = encoder(chunk)
+        out.append(feats.float())  # stays on the device: one copy back per video, not a GPU sync per batch
+    return torch.cat(out).cpu().reshape(v, t, -1)

@@ -1,0 +1,339 @@
+"""`arena tune-head`: an Optuna study over the attention head on cached features, and what it leaves behind.
+
+Design decisions:
+
+* Objective: validation log loss of the best epoch (early stopping restores it); AUC, accuracy and F1 are
+  stored as trial user attributes. Validation uses the persisted split file, never test data.
+* ``n_trials`` is a *total target of finished trials* (complete or pruned) in the study, so running the same
+  command again after an interruption resumes and stops at the same count (storage and recovery of trials of
+  dead workers: ``arena.study_storage``).
+* The sampler is re-seeded before every trial from (seed, number of finished trials), so a study that was
+  killed and resumed proposes the same parameters as one that ran straight through.
+* A study is tied to its split, cache identity, search space and training settings (its context): a study made
+  with others is refused rather than silently mixed. The cache itself serves every split.
+* The saved best head is retrained once with the best parameters and the same seed; training is
+  deterministic, so it equals the best trial's head (its validation loss is recorded next to the trial's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+from tqdm.auto import tqdm
+
+from arena._files import atomic_write_text
+from arena.errors import ModelsError, OptionError, StudyError
+from arena.head_data import HeadDataStore, open_head_data
+from arena.head_train import HIDDEN, HeadParams, HeadTrainConfig, train_head
+from arena.models_folder import (
+    BEST_HEAD_FILE,
+    BEST_PARAMS_FILE,
+    OPTUNA_DB,
+    STUDY_PLOT_FILES,
+    STUDY_SUMMARY_FILE,
+    HeadCheckpoint,
+)
+from arena.study_storage import (
+    create_storage,
+    finished_trials,
+    recover_stale_trials,
+    redact_url,
+    requeue_interrupted,
+    worker_identity,
+)
+
+ATTN_CHOICES = (64, 128, 256, 512)
+# The seed notebook's head: enqueued as trial 0 so the study starts from the known baseline.
+SEED_DEFAULTS: dict[str, Any] = {"attn_dim": 256, "dropout": 0.5, "lr": 1e-4, "weight_decay": 1e-5,
+                                 "tta_aug": False, "input_dropout": 0.0}
+
+# The search space besides ``frames`` (the cache's frame counts): name -> (kind, arguments). The ranges go into the
+# study's context, so a study made with other ranges is refused rather than silently mixed.
+SEARCH_SPACE: dict[str, tuple[str, Any]] = {
+    "attn_dim": ("categorical", list(ATTN_CHOICES)),
+    "dropout": ("float", (0.3, 0.7)),
+    "lr": ("log_float", (1e-4, 3e-3)),
+    "weight_decay": ("log_float", (1e-6, 1e-1)),
+    "tta_aug": ("categorical", [False, True]),
+    # Dropout on the standardised features (one mask per video): without it the 1536->256 head overfits a few
+    # hundred videos within a few epochs (measured on the demo cache: best epochs 0-3, held-out AUC 0.75).
+    "input_dropout": ("float", (0.0, 0.9)),
+}
+
+
+def suggest_params(trial: optuna.Trial | optuna.trial.FixedTrial, frame_choices: Sequence[int]) -> HeadParams:
+    """Draw one point of the search space (:data:`SEARCH_SPACE` and ``frame_choices``) from an Optuna trial."""
+    values: dict[str, Any] = {}
+    for name, (kind, args) in SEARCH_SPACE.items():
+        if kind == "categorical":
+            values[name] = trial.suggest_categorical(name, list(args))
+        else:
+            values[name] = trial.suggest_float(name, *args, log=kind == "log_float")
+        if name == "weight_decay":  # frames drawn here keeps the order of draws of earlier studies
+            values["frames"] = trial.suggest_categorical("frames", [int(k) for k in frame_choices])
+    return HeadParams(**values)
+
+
+class Objective:
+    """Optuna objective: suggest head parameters, train on the cached train split, return val log loss."""
+
+    def __init__(self, store: HeadDataStore, *, config: HeadTrainConfig = HeadTrainConfig(),
+                 frame_choices: Sequence[int] | None = None) -> None:
+        self.store = store
+        self.config = config
+        self.frame_choices = store.check_frames(frame_choices or store.frame_counts)
+
+    def __call__(self, trial: optuna.Trial | optuna.trial.FixedTrial) -> float:
+        if isinstance(trial, optuna.Trial):
+            trial.set_user_attr("worker", worker_identity())  # lets a later start recognise a dead worker's trial
+        params = suggest_params(trial, self.frame_choices)
+
+        def report(epoch: int, val_loss: float) -> None:
+            trial.report(val_loss, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch} with val log loss {val_loss:.4f}")
+
+        result = train_head(params, self.store.get(params.frames), config=self.config, on_epoch=report)
+        for key in ("auc", "accuracy", "f1", "mean_confidence"):
+            trial.set_user_attr(key, result.metrics[key])
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("epochs_run", result.epochs_run)
+        return result.val_loss
+
+
+def trial_sampler(seed: int, finished: int, running: int, n_startup: int) -> optuna.samplers.TPESampler:
+    """The sampler of the next trial, seeded from the study's progress: a resumed study draws what an
+    uninterrupted one would."""
+    trial_seed = int(np.random.SeedSequence([seed, finished, running]).generate_state(1)[0])
+    return optuna.samplers.TPESampler(seed=trial_seed, n_startup_trials=n_startup, constant_liar=True)
+
+
+def open_study(storage: BaseStorage, study_name: str, *, context: dict[str, Any]) -> optuna.Study:
+    """Create or load a study; refuse to continue one made from another cache, split or search space.
+
+    Raises:
+        StudyError: the stored study's context differs from ``context``.
+    """
+    study = optuna.create_study(study_name=study_name, storage=storage, direction="minimize", load_if_exists=True)
+    stored = study.user_attrs.get("context")
+    if stored is None:
+        study.set_user_attr("context", context)
+    else:
+        diffs = [f"{k}: study has {stored.get(k)!r}, now {v!r}" for k, v in context.items() if stored.get(k) != v]
+        if diffs:
+            raise StudyError(f"study {study_name!r} was made with different settings ({'; '.join(diffs)}); its "
+                             "trials are not comparable. Use another --study-name (or delete the storage) to start "
+                             "afresh.")
+    return study
+
+
+def run_study(store: HeadDataStore, *, storage: BaseStorage, study_name: str = "head", n_trials: int = 50,
+              timeout: float | None = None, seed: int = 0, frame_choices: Sequence[int] | None = None,
+              config: HeadTrainConfig = HeadTrainConfig(), context: dict[str, Any] | None = None,
+              n_startup_trials: int = 10, progress: bool = True) -> optuna.Study:
+    """Run trials until the study holds ``n_trials`` finished (complete or pruned) trials or ``timeout`` passes.
+
+    Returns:
+        the ``optuna.Study``.
+    """
+    if n_trials < 1:
+        raise OptionError(f"--n-trials must be >= 1 (a total target of finished trials); got {n_trials}.")
+    if timeout is not None and timeout <= 0:
+        raise OptionError(f"--timeout must be > 0 seconds; got {timeout}.")
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        objective = Objective(store, config=config, frame_choices=frame_choices)
+        ctx = {"frame_choices": list(objective.frame_choices), "train_config": dataclasses.asdict(config),
+               "seed": seed, "search_space": json.loads(json.dumps(SEARCH_SPACE)), **(context or {})}
+        study = open_study(storage, study_name, context=ctx)
+        recover_stale_trials(study)
+        if not study.trials:
+            study.enqueue_trial({**SEED_DEFAULTS, "frames": objective.frame_choices[0]},
+                                user_attrs={"seed_defaults": True})
+        study.pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+        deadline = time.monotonic() + timeout if timeout else None
+        done = finished_trials(study)
+        with tqdm(total=n_trials, initial=min(done, n_trials), desc=f"tune {study_name}", unit="trial",
+                  disable=not progress) as bar:
+            while done < n_trials and (deadline is None or time.monotonic() < deadline):
+                running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+                study.sampler = trial_sampler(seed, done, running, n_startup_trials)
+                try:
+                    study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
+                except KeyboardInterrupt:
+                    requeue_interrupted(study)
+                    raise
+                recover_stale_trials(study)
+                new_done = finished_trials(study)
+                bar.update(max(0, min(new_done, n_trials) - min(done, n_trials)))
+                done = new_done
+                best = _best_trial(study)
+                if best is not None:
+                    bar.set_postfix(best=f"{best.value:.4f}")
+        return study
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def _best_trial(study: optuna.Study) -> FrozenTrial | None:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return min(complete, key=lambda t: t.value) if complete else None
+
+
+def _trial_row(t: FrozenTrial) -> dict[str, Any]:
+    duration = t.duration.total_seconds() if t.duration is not None else None
+    return {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+            "duration_s": duration, "epochs_reported": len(t.intermediate_values),
+            "user_attrs": {k: v for k, v in t.user_attrs.items() if k != "worker"}}
+
+
+def study_summary(study: optuna.Study, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Trials, states, best value and durations as a JSON-able dict."""
+    trials = study.get_trials(deepcopy=False)
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    durations = [t.duration.total_seconds() for t in trials if t.duration is not None]
+    best = _best_trial(study)
+    return {
+        "study_name": study.study_name,
+        "n_trials": len(trials),
+        "states": states,
+        "best_value": best.value if best else None,
+        "best_trial": _trial_row(best) if best else None,
+        "total_trial_seconds": float(sum(durations)),
+        "mean_trial_seconds": float(np.mean(durations)) if durations else None,
+        "trials": [_trial_row(t) for t in trials],
+        **(extra or {}),
+    }
+
+
+def save_plots(study: optuna.Study, out_dir: Path) -> dict[str, str]:
+    """Optimisation history and parameter importances as PNGs; returns {plot: path or the reason it was skipped}."""
+    import matplotlib  # optional and slow to import: only when plots are written
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    out: dict[str, str] = {}
+    n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    history, importances = STUDY_PLOT_FILES
+    plots = ((history, ovm.plot_optimization_history, 1), (importances, ovm.plot_param_importances, 2))
+    for name, fn, need in plots:
+        if n_complete < need:
+            out[name] = f"skipped: needs {need} complete trials, have {n_complete}"
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = fn(study)
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.set_size_inches(8, 5)
+            fig.tight_layout()
+            fig.savefig(out_dir / name, dpi=100)
+            plt.close(fig)
+            out[name] = str(out_dir / name)
+        except Exception as exc:  # noqa: BLE001 - a plot must never cost the tuning results
+            out[name] = f"skipped: {type(exc).__name__}: {exc}"
+    return out
+
+
+def _models_folder(models_dir: str | os.PathLike) -> Path:
+    models = Path(models_dir)
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelsError(f"--models {models}: cannot create the folder ({exc}); choose a writable folder.") from exc
+    return models
+
+
+def finalize_study(study: optuna.Study, store: HeadDataStore, models_dir: str | os.PathLike, *,
+                   config: HeadTrainConfig = HeadTrainConfig(), extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write best_head_params.json, best_head.pt, study_summary.json and the plots; return the summary.
+
+    The best trial's head is retrained (deterministic: the same weights) and saved as a `HeadCheckpoint`.
+    """
+    models = _models_folder(models_dir)
+    summary = study_summary(study, extra={"train_config": dataclasses.asdict(config), **(extra or {})})
+    best = _best_trial(study)
+    try:
+        if best is not None:
+            params = HeadParams.from_dict(best.params)
+            data = store.get(params.frames)
+            result = train_head(params, data, config=config)
+            atomic_write_text(models / BEST_PARAMS_FILE,
+                              json.dumps({**params.to_dict(), "hidden": HIDDEN}, indent=1))
+            HeadCheckpoint(config=result.head_config, state_dict=result.state_dict, frames=data.frames,
+                           params=params.to_dict(), metrics=result.metrics,
+                           provenance=store.provenance).save(models / BEST_HEAD_FILE)
+            summary["retrained"] = {"val_loss": result.val_loss, "trial_value": best.value,
+                                    "abs_diff": abs(result.val_loss - best.value), "metrics": result.metrics}
+            summary["skipped_videos"] = data.skipped
+        summary["plots"] = save_plots(study, models)
+        atomic_write_text(models / STUDY_SUMMARY_FILE, json.dumps(summary, indent=1, default=str))
+    except OSError as exc:
+        raise ModelsError(f"--models {models}: cannot write the study's outputs ({exc}); the trials are kept in "
+                          "the study: free space or fix the folder's permissions and run the command again.") from exc
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ command
+
+
+def default_study_name(split_sha256: str) -> str:
+    """``head-<first 8 hex digits of split.json's sha256>``: one study per split."""
+    return f"head-{split_sha256[:8]}"
+
+
+def tune_head(cache_path: str | os.PathLike, data_root: str | os.PathLike, models_dir: str | os.PathLike, *,
+              n_trials: int = 50, timeout: float | None = None, storage: str | None = None,
+              study_name: str | None = None, seed: int = 0, frames: Sequence[int] | None = None,
+              epochs: int = 30, patience: int = 4, batch_size: int = 64, device: str = "auto",
+              progress: bool = True) -> dict[str, Any]:
+    """``arena tune-head``: run/resume the study until ``n_trials`` finished trials, then write the outputs.
+
+    Args:
+        study_name: default :func:`default_study_name` of the split, so that after ``arena split --new-split``
+            the same command starts a new study (the old one's trials were measured on another validation part)
+            on the same, unchanged feature cache.
+        batch_size: videos per training step.
+        device: auto, cpu, cuda or cuda:N.
+
+    Returns:
+        the study summary (also written to ``<models>/study_summary.json``).
+    """
+    models = _models_folder(models_dir)
+    url = storage or f"sqlite:///{(models / OPTUNA_DB).resolve()}"
+    store, split = open_head_data(cache_path, data_root, models, device=device)
+    study_name = study_name or default_study_name(split.sha256)
+    frame_choices = store.check_frames(frames) if frames else store.frame_counts
+    config = HeadTrainConfig(max_epochs=epochs, patience=patience, batch_size=batch_size, seed=seed)
+    # The study (not the cache) is tied to the split: its trials were measured on this split's validation part.
+    context = {"split_sha256": split.sha256, "feature_dim": int(store.provenance.get("feature_dim", 0) or 0),
+               "backbone": store.provenance.get("backbone"), "weights_hash": store.provenance.get("weights_hash")}
+    started = time.monotonic()
+    study = run_study(store, storage=create_storage(url), study_name=study_name, n_trials=n_trials,
+                      timeout=timeout, seed=seed, frame_choices=frame_choices, config=config, context=context,
+                      progress=progress)
+    elapsed = time.monotonic() - started
+    summary = finalize_study(study, store, models, config=config, extra={
+        "storage": redact_url(url), "target_trials": n_trials, "seed": seed, "cache": str(cache_path),
+        "split_sha256": split.sha256, "frame_choices": list(frame_choices), "this_run_seconds": elapsed})
+    summary["reached_target"] = sum(summary["states"].get(s, 0) for s in ("COMPLETE", "PRUNED")) >= n_trials
+    return summary

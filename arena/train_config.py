@@ -1,0 +1,137 @@
+"""`TrainConfig`: everything that decides a fine-tuning run (`arena train-full`), checked when it is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from arena.errors import OptionError
+from arena.limits import MAX_FRAMES, MAX_IMAGE_SIZE, MAX_WORKERS, MIN_IMAGE_SIZE
+from arena.models_folder import LAST_FILE, finetuned_name
+from arena.runtime import PRECISIONS, check_device_name
+
+#: ``--amp`` values: the precisions of `arena.runtime`; ``off`` (older runs) is read as ``fp32``.
+AMP_CHOICES = (*PRECISIONS, "off")
+RESUME_CHOICES = ("auto", "yes", "no")
+HEAD_INIT_CHOICES = ("auto", "tuned", "default")
+HEAD_STATS_CHOICES = ("auto", "keep", "train")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run. ``None`` fields are resolved from the models folder or defaults.
+
+    Attributes:
+        data: dataset folder (the competition layout).
+        models: output folder; holds ``split.json`` and, when present, ``frame_test.json`` / ``best_head.pt``.
+        frames: frames per video; None: ``frame_test.json``'s recommendation, else 24.
+        batch_size: videos per step.
+        lr / head_lr / weight_decay / head_weight_decay: AdamW; the head's defaults come from the tuned head.
+        amp: autocast precision, `arena.runtime.autocast_dtype`'s policy: ``auto`` (bf16 where the hardware runs it
+            natively, fp16 + GradScaler on older CUDA GPUs, else float32), ``fp32``, ``bf16`` or ``fp16`` (CUDA).
+        head_init: ``auto`` (the tuned head of ``tune-head`` when it exists), ``tuned`` (require it) or
+            ``default`` (a fresh head with the seed's sizes).
+        head_stats: the head's input standardisation. ``keep`` the tuned head's (or 0/1 for a fresh head);
+            ``train`` recomputes it from train-mode features of 16 training clips; ``auto`` = ``train`` for a tuned
+            head on a random-init backbone, whose cached (eval-mode) features are ~30x smaller than the train-mode
+            features it will see, else ``keep``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; under torchrun each process uses GPU ``LOCAL_RANK``.
+        resume: ``auto`` continues an unfinished ``last.pt`` made with the same settings (refuses a different
+            one), ``yes`` requires ``last.pt``, ``no`` starts over.
+        balanced: class-balanced training order (real and fake alternate; see `arena.distributed.EpochSampler`).
+        limit_train / limit_val: use at most this many videos of each part (quick runs, tests).
+        min_frames: the fewest frames an out-of-memory retry may fall back to.
+
+    Raises:
+        OptionError: a value outside its allowed range or choices (the message names both).
+    """
+
+    data: str
+    models: str = "models"
+    backbone: str = "inception_resnet_v2.tf_in1k"
+    pretrained: bool = True
+    weights: str | None = None
+    image_size: int | None = None
+    frames: int | None = None
+    batch_size: int = 1
+    accum_steps: int = 4
+    lr: float = 1e-4
+    head_lr: float | None = None
+    weight_decay: float = 1e-5
+    head_weight_decay: float | None = None
+    epochs: int = 30
+    lr_patience: int = 2
+    es_patience: int = 3
+    amp: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    grad_checkpointing: bool = False
+    head_init: Literal["auto", "tuned", "default"] = "auto"
+    head_stats: Literal["auto", "keep", "train"] = "auto"
+    balanced: bool = True
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    resume: Literal["auto", "yes", "no"] = "auto"
+    limit_train: int | None = None
+    limit_val: int | None = None
+    min_frames: int = 4
+    temp_pause_c: float = 78.0
+    temp_resume_c: float = 72.0
+    vram_warn_frac: float = 0.9
+    empty_cache_each_video: bool = False
+
+    def __post_init__(self) -> None:
+        # Plain strings: the config is stored in checkpoints that must load with weights_only=True.
+        self.data, self.models = str(self.data), str(self.models)
+        self.weights = None if self.weights is None else str(self.weights)
+        for name, allowed in (("amp", AMP_CHOICES), ("resume", RESUME_CHOICES), ("head_init", HEAD_INIT_CHOICES),
+                              ("head_stats", HEAD_STATS_CHOICES)):
+            value = getattr(self, name)
+            _need(value in allowed, f"Invalid --{name.replace('_', '-')} ({value}). Supported values are "
+                                    f"{', '.join(allowed)}.")
+        if self.amp == "off":
+            self.amp = "fp32"  # one spelling in new run records; `train_state.config_difference` reads both
+        check_device_name(self.device)
+        _need(self.frames is None or 1 <= self.frames <= MAX_FRAMES,
+              f"--frames must be in 1..{MAX_FRAMES}, got {self.frames}")
+        _need(self.image_size is None or MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE,
+              f"--image-size must be in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}, got {self.image_size}")
+        _need(1 <= self.batch_size <= 256, f"--batch-size must be in 1..256 (videos), got {self.batch_size}")
+        _need(1 <= self.accum_steps <= 1024, f"--accum-steps must be in 1..1024, got {self.accum_steps}")
+        _need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _need(self.head_lr is None or self.head_lr > 0, f"--head-lr must be > 0, got {self.head_lr}")
+        _need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        _need(self.head_weight_decay is None or self.head_weight_decay >= 0,
+              f"head_weight_decay must be >= 0, got {self.head_weight_decay}")
+        _need(1 <= self.epochs <= 10_000, f"--epochs must be in 1..10000, got {self.epochs}")
+        _need(self.lr_patience >= 0, f"--lr-patience must be >= 0, got {self.lr_patience}")
+        _need(self.es_patience >= 1, f"--es-patience must be >= 1, got {self.es_patience}")
+        _need(0 <= self.workers <= MAX_WORKERS, f"--workers must be in 0..{MAX_WORKERS}, got {self.workers}")
+        for name in ("limit_train", "limit_val"):
+            value = getattr(self, name)
+            _need(value is None or value >= 2,
+                  f"--{name.replace('_', '-')} must be >= 2 (one video of each class), got {value}")
+        _need(1 <= self.min_frames <= MAX_FRAMES, f"--min-frames must be in 1..{MAX_FRAMES}, got {self.min_frames}")
+        _need(self.temp_resume_c < self.temp_pause_c, f"--temp-resume ({self.temp_resume_c}) must be below "
+              f"--temp-pause ({self.temp_pause_c}); e.g. pause at 78 and resume at 72.")
+        _need(0 < self.vram_warn_frac <= 1, f"--vram-warn must be in (0, 1], got {self.vram_warn_frac}")
+
+    @property
+    def short_name(self) -> str:
+        """The backbone without its pretrained tag: ``inception_resnet_v2.tf_in1k`` -> ``inception_resnet_v2``."""
+        return self.backbone.split(".")[0]
+
+    @property
+    def best_path(self) -> Path:
+        """The best checkpoint, ``<models>/<backbone>_best.pt``."""
+        return Path(self.models) / finetuned_name(self.backbone)
+
+    @property
+    def last_path(self) -> Path:
+        """The resumable run state, ``<models>/last.pt``."""
+        return Path(self.models) / LAST_FILE
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise OptionError(f"TrainConfig: {message}")

@@ -1,0 +1,212 @@
+"""`arena submit --verify`: prove the full-video path and the cache path compute the same thing.
+
+Same weights (a head-only model, whose encoder is the cache's): P(fake) recomputed from the cached features of
+every variant with the same head must equal the full path's within the tolerance, which proves decode, frame
+indices, TTA, resize and normalisation agree. A fine-tuned backbone (its features are not in the cache): the
+cache's encoder, recreated from the provenance, runs on the frames the full path decodes and is compared with the
+cached features, and the fine-tuned head is run on the full path's own features through the cache-path logic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from arena.cache import FeatureCache
+from arena.clips import ClipDataset, encode_views
+from arena.errors import CacheError, OptionError, SubmissionError
+from arena.predict import LoadedModel, VideoPrediction, head_probabilities, recreate_encoder
+from arena.runtime import Precision, resolve_device
+
+VERIFY_TOLERANCE = 1e-3
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of `verify_against_cache`.
+
+    Attributes:
+        mode: ``cache-features`` (same weights: p_fake from cached features vs the full path) or ``finetuned``
+            (the backbone changed: cache encoder on the full path's frames vs cached features, and the head on the
+            full path's own features through the cache-path logic vs the full path).
+        keys: the videos compared.
+        max_abs_diff: largest |p_fake difference| (the criterion, tolerance ``tolerance``).
+        tolerance: the largest allowed |p_fake difference|.
+        max_feature_diff: finetuned mode: largest |feature difference| relative to the feature scale (allowed: ten
+            times ``tolerance``).
+        skipped: videos not compared, with reasons (failed decode, not in cache, a fallback changed the frames).
+        lines: human-readable report.
+    """
+
+    mode: str
+    keys: list[str]
+    max_abs_diff: float
+    tolerance: float
+    max_feature_diff: float | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.keys) and self.max_abs_diff <= self.tolerance and (
+            self.max_feature_diff is None or self.max_feature_diff <= self.tolerance * 10
+        )
+
+
+def sample_keys(keys: Sequence[str], n: int | None, *, seed: int) -> list[str]:
+    """``n`` keys drawn without replacement with ``seed`` (all of them when n is None or >= len), in input order."""
+    keys = list(keys)
+    if n is None or n >= len(keys):
+        return keys
+    if n < 1:
+        raise OptionError(f"--verify-sample must be >= 1, got {n}.")
+    pick = np.random.default_rng(seed).choice(len(keys), size=n, replace=False)
+    return [keys[i] for i in sorted(pick)]
+
+
+def open_verify_cache(model: LoadedModel, cache_path: str | Path) -> FeatureCache:
+    """Open the cache ``--verify`` names and check it can verify this model (frame count, variants, weights).
+
+    Called before predicting, so a wrong cache fails in seconds, not after the whole test set.
+
+    Raises:
+        SubmissionError: the cache cannot be opened or cannot verify this model (the message says what to change).
+    """
+    try:
+        cache = FeatureCache.open(cache_path)
+    except (CacheError, OSError) as exc:
+        raise SubmissionError(f"--verify {cache_path}: {exc}") from exc
+    prov = cache.provenance
+    k = model.frames
+    if k not in tuple(prov.frame_counts):
+        raise SubmissionError(
+            f"Cannot verify against {cache_path}: it holds frame counts {tuple(prov.frame_counts)}, the submission "
+            f"uses {k} frames. Rebuild the cache with --frames including {k}, or submit with --frames "
+            f"{prov.frame_counts[0]}."
+        )
+    missing_variants = [v for v in model.variants if v not in tuple(prov.variants)]
+    if missing_variants:
+        raise SubmissionError(
+            f"Cannot verify against {cache_path}: variants {missing_variants} are not in the cache "
+            f"(it has {tuple(prov.variants)}). Rebuild the cache with TTA, or submit with --no-tta."
+        )
+    if model.kind == "head-only" and model.encoder.weights_hash() != prov.weights_hash:
+        raise SubmissionError(
+            f"Cannot verify against {cache_path}: the submission encoder's weights hash "
+            f"{model.encoder.weights_hash()[:12]} differs from the cache's {prov.weights_hash[:12]} (the head was "
+            "tuned on another cache?). Pass the cache tune-head used."
+        )
+    return cache
+
+
+def _cached_views(cache: FeatureCache, key: str, k: int, variants: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Cached features of every variant: float16 ``[V, k, d]`` and the mask ``[k]``."""
+    feats, mask = [], None
+    for v in variants:
+        f, m = cache.features(key, k, v)
+        feats.append(np.asarray(f))
+        mask = np.asarray(m, dtype=bool) if mask is None else mask
+    return np.stack(feats), mask
+
+
+def verify_against_cache(
+    model: LoadedModel,
+    cache_path: str | Path,
+    predictions: Sequence[VideoPrediction],
+    *,
+    items: Sequence[Any],
+    sample: int | None = 8,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    frame_batch: int = 64,
+    precision: Precision = "auto",
+    tolerance: float = VERIFY_TOLERANCE,
+) -> VerifyResult:
+    """Compare the full path's predictions with the cache path on a sample of the test videos.
+
+    Args:
+        model: the submission model. cache_path: the feature cache. predictions: the full path's results.
+        items: the predicted videos (to decode again for a fine-tuned model).
+        sample: videos compared (None: every comparable one). seed: draws the sample.
+        device, frame_batch, precision: how the cache's encoder runs (fine-tuned model only).
+        tolerance: largest allowed |p_fake difference|.
+
+    Videos where the full path failed or used a fallback (other frames or variants) are skipped with the reason.
+    """
+    dev = device if isinstance(device, torch.device) else resolve_device(device or "auto")
+    cache = open_verify_cache(model, cache_path)
+    prov = cache.provenance
+    by_key = {p.key: p for p in predictions}
+    item_by_key = {it.key: it for it in items}
+    cached = set(cache.keys)
+    variants = tuple(model.variants)
+    skipped: dict[str, str] = {}
+    k = model.frames
+    candidates = []
+    for key, pred in by_key.items():
+        if key not in cached:
+            skipped[key] = "not in the cache"
+        elif pred.status == "failed" or pred.fallback != "none" or pred.frames_used != k:
+            skipped[key] = f"full path used a fallback ({pred.fallback}, status {pred.status})"
+        elif cache.status(key) == "failed":
+            skipped[key] = "failed in the cache"
+        else:
+            candidates.append(key)
+    keys = sample_keys(candidates, sample, seed=seed)
+    lines = []
+    if model.kind == "head-only":
+        diffs = []
+        for key in keys:
+            feats, mask = _cached_views(cache, key, k, variants)
+            p_var, _ = head_probabilities(model.head, feats, mask, device=dev, round_fp16=False)
+            diffs.append(abs(float(np.mean(p_var)) - by_key[key].p_fake))
+        max_diff = max(diffs, default=float("inf"))
+        result = VerifyResult("cache-features", keys, max_diff, tolerance, skipped=skipped)
+        lines.append(
+            f"verify (same weights {prov.weights_hash[:12]}): p_fake from cached features vs full path on "
+            f"{len(keys)} videos: max |diff| = {max_diff:.2e} (tolerance {tolerance:.0e})"
+        )
+    else:
+        enc = recreate_encoder(prov, device=dev)
+        ds = ClipDataset([item_by_key[key] for key in keys], size=tuple(prov.input_size), variants=variants, frames=k)
+        feat_diffs, p_diffs = [], []
+        for i, key in enumerate(keys):
+            clip = ds[i]
+            if clip.views is None:
+                skipped[key] = f"decode failed now: {clip.message}"
+                continue
+            ours = encode_views(enc, clip.views, device=dev, frame_batch=frame_batch, precision=precision).numpy()
+            theirs, _ = _cached_views(cache, key, k, variants)
+            scale = float(np.abs(theirs).max()) or 1.0
+            feat_diffs.append(float(np.abs(ours - theirs.astype(np.float32)).max()) / scale)
+            full = by_key[key].features
+            if full is None:
+                skipped[key] = "full path kept no features for this video"
+                continue
+            # The cache-path logic: float16 storage round trip, the per-k mask, the mean over variants.
+            p_var, _ = head_probabilities(model.head, full.astype(np.float16), by_key[key].valid, device=dev,
+                                          round_fp16=False)
+            p_diffs.append(abs(float(np.mean(p_var)) - by_key[key].p_fake))
+        max_diff = max(p_diffs, default=float("inf"))
+        max_feat = max(feat_diffs, default=float("inf"))
+        result = VerifyResult("finetuned", [key for key in keys if key not in skipped], max_diff, tolerance,
+                              max_feature_diff=max_feat, skipped=skipped)
+        lines.append(
+            f"verify (fine-tuned backbone): cache encoder {prov.backbone} on the full path's frames vs cached "
+            f"features: max relative |diff| = {max_feat:.2e} (tolerance {tolerance * 10:.0e}) -> decode/TTA/"
+            "preprocess agree"
+        )
+        lines.append(
+            f"verify: fine-tuned head on the full path's own features through the cache-path logic: max |p diff| "
+            f"= {max_diff:.2e} (tolerance {tolerance:.0e})"
+        )
+    if skipped:
+        lines.append(f"verify: {len(skipped)} videos not compared: " + "; ".join(
+            f"{key}: {why}" for key, why in list(skipped.items())[:5]))
+    result.lines = lines
+    return result
