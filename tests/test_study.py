@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -225,19 +226,35 @@ def test_process_liveness_check():
 def test_two_workers_share_one_journal(setup, tmp_path):
     models = copy_split(setup, tmp_path / "models")
     journal = tmp_path / "optuna.journal"
-    cmd = [sys.executable, "-m", "arena", "tune-head", "--cache", str(setup["cache"]), "--data", str(setup["data"]),
-           "--models", str(models), "--storage", f"journal:{journal}", "--n-trials", "4", "--epochs", "3",
-           "--batch-size", "16", "--threads", "1", "--device", "cpu", "--study-name", "head"]
+    go = tmp_path / "go"
+    args = ["tune-head", "--cache", str(setup["cache"]), "--data", str(setup["data"]), "--models", str(models),
+            "--storage", f"journal:{journal}", "--n-trials", "6", "--epochs", "3", "--batch-size", "16",
+            "--threads", "1", "--device", "cpu", "--study-name", "head"]
+    # Each worker imports everything first, then waits for the same signal: the two start their first trial
+    # together, so one cannot finish the whole study while the other is still importing torch.
+    start = ("import os, pathlib, sys, time\n"
+             "import arena.study\n"
+             "from arena.cli import main\n"
+             f"pathlib.Path({str(tmp_path)!r}, f'ready-{{os.getpid()}}').touch()\n"
+             "deadline = time.monotonic() + 120\n"
+             f"while not os.path.exists({str(go)!r}) and time.monotonic() < deadline:\n"
+             "    time.sleep(0.01)\n"
+             "sys.argv = ['arena', *sys.argv[1:]]\n"
+             "main()\n")
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", start, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
     study = optuna.load_study(study_name="head", storage=create_storage(f"journal:{journal}"))
     pids = {t.user_attrs["worker"]["pid"] for t in study.trials}
     assert pids == {p.pid for p in procs}  # both workers added trials
-    assert _finished(study) >= 4 and not any(t.state.name in ("RUNNING", "FAIL") for t in study.trials)
+    assert _finished(study) >= 6 and not any(t.state.name in ("RUNNING", "FAIL") for t in study.trials)
     assert (models / BEST_HEAD_FILE).is_file()
 
 
