@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from torchcodec.decoders import VideoDecoder
 
 from arena.cli import main
-from arena.demo import DemoConfig, draw_clip_params, generate_dataset, plan_dataset, render_clip, write_video
+from arena.demo import DemoConfig, generate_dataset, plan_dataset, write_video
+from arena.demo_render import draw_clip_params, render_clip
 from arena.errors import OptionError
 
 TINY = dict(n_train_real=3, n_train_fake=3, n_test=4, seconds=1.0, size=(64, 64), fps=8.0, workers=1,
