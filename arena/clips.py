@@ -199,10 +199,9 @@ def encode_views(
     v, t = views.shape[:2]
     flat = views.reshape(v * t, *views.shape[2:])
     out = []
-    for start in range(0, flat.shape[0], frame_batch):
-        chunk = flat[start : start + frame_batch].to(device, non_blocking=True)
-        chunk = chunk.contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            feats = encoder(chunk)
-        out.append(feats.float())  # stays on the device: one copy back per video, not a GPU sync per batch
+    with autocast(device, precision):
+        for start in range(0, flat.shape[0], frame_batch):
+            chunk = flat[start : start + frame_batch].to(device, non_blocking=True)
+            chunk = chunk.contiguous(memory_format=torch.channels_last)
+            out.append(encoder(chunk).float())  # stays on the device: one copy back per video, not a sync per batch
     return torch.cat(out).cpu().reshape(v, t, -1)

@@ -9,6 +9,7 @@ one (``fp16`` only on CUDA). Training with fp16 needs a gradient scaler (`needs_
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from typing import Literal
 
@@ -52,6 +53,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+@functools.cache
 def _cpu_has_native_bf16() -> bool:
     # oneDNN reports bf16 support only with native AVX512-BF16/AMX instructions; emulated bf16 would be slower.
     try:

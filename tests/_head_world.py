@@ -9,9 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
-from arena.cache import FEATURE_FORMAT, CacheWriter, Provenance
+from arena.cache import FEATURE_FORMAT, CacheWriter, FeatureCache, Provenance
 from arena.data import load_dataset
+from arena.head_data import HeadDataStore
 from arena.head_train import HeadTrainConfig
 from arena.sampling import sampling_spec, union_indices
 from arena.split import make_split
@@ -76,3 +79,27 @@ def copy_split(setup: dict, models: Path) -> Path:
     models.mkdir(parents=True, exist_ok=True)
     (models / "split.json").write_bytes((setup["models"] / "split.json").read_bytes())
     return models
+
+
+# Fixtures of the three head-tuning test files, registered for the suite by tests/conftest.py
+# (`pytest_plugins`); the files ask for `one_thread` with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: a second thread only adds synchronisation, and CI cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """The world of `build_world`, built once per test module."""
+    return build_world(tmp_path_factory.mktemp("head_world"))
+
+
+@pytest.fixture(scope="module")
+def store(setup) -> HeadDataStore:
+    return HeadDataStore.from_cache(FeatureCache.open(setup["cache"]), setup["split"])

@@ -11,6 +11,13 @@ import pytest
 DEFAULT_SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 
 
+def _missing(message: str) -> None:
+    """Skip the test, or fail it on CI (``CI=true``), where skipping would let every real-world test pass unseen."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def shared_videos() -> Path:
     """The folder of shared real-world videos: ``$ARENA_SHARED_VIDEOS``, else ``<repository>/../shared/videos``.
 
@@ -19,10 +26,7 @@ def shared_videos() -> Path:
     """
     root = Path(os.environ.get("ARENA_SHARED_VIDEOS") or DEFAULT_SHARED_VIDEOS)
     if not root.is_dir():
-        message = f"shared videos folder {root} not found (set ARENA_SHARED_VIDEOS to its path)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        _missing(f"shared videos folder {root} not found (set ARENA_SHARED_VIDEOS to its path)")
     return root
 
 
@@ -35,10 +39,7 @@ def shared_video(name: str) -> Path:
     """One file of `shared_videos`; skips (fails on CI) when it is not there."""
     path = shared_videos() / name
     if not path.is_file():
-        message = f"{path} not found in the shared videos"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        _missing(f"{path} not found in the shared videos")
     return path
 
 

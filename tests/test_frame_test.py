@@ -6,35 +6,16 @@ import dataclasses
 import json
 
 import pytest
-import torch
-from _head_world import FAST, build_world, copy_split
+from _head_world import FAST, copy_split
 from click.testing import CliRunner
 
-from arena.cache import FeatureCache
 from arena.cli import main
 from arena.errors import ModelsError
 from arena.frame_test import frame_test, run_frame_test, study_settings
-from arena.head_data import HeadDataStore
 from arena.head_train import HIDDEN, HeadParams
 from arena.models_folder import BEST_PARAMS_FILE, FRAME_TEST_FILE, STUDY_SUMMARY_FILE, resolve_frames
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
-    return build_world(tmp_path_factory.mktemp("frame_test"))
-
-
-@pytest.fixture(scope="module")
-def store(setup) -> HeadDataStore:
-    return HeadDataStore.from_cache(FeatureCache.open(setup["cache"]), setup["split"])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_frame_test_recommends_the_lowest_log_loss(store):

@@ -8,37 +8,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from _head_world import DIM, FAST, FRAMES, VARIANTS, build_world, copy_split
+from _head_world import DIM, FAST, FRAMES, VARIANTS, copy_split
 
 from arena.cache import FeatureCache
 from arena.data import load_dataset
 from arena.errors import CacheError, DataError, ModelsError, OptionError
-from arena.head_data import HeadData, HeadDataStore, load_head_data, open_head_data
+from arena.head_data import HeadData, load_head_data, open_head_data
 from arena.head_train import HeadParams, HeadTrainConfig, train_head
 from arena.models_folder import HeadCheckpoint
 from arena.split import make_split
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: a second thread only adds synchronisation, and CI cores are shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
-    return build_world(tmp_path_factory.mktemp("head_train"))
-
-
-@pytest.fixture(scope="module")
-def store(setup) -> HeadDataStore:
-    return HeadDataStore.from_cache(FeatureCache.open(setup["cache"]), setup["split"])
-
-
 # ------------------------------------------------------------------------------------------------ data
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_head_data_from_cache(setup, store):

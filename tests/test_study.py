@@ -14,16 +14,14 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from _head_world import FAST, FRAMES, build_world, copy_split
+from _head_world import FAST, FRAMES, copy_split
 from click.testing import CliRunner
 
 import arena.study as study_mod
-from arena.cache import FeatureCache
 from arena.cli import main
 from arena.data import load_dataset
 from arena.errors import OptionError, StudyError
 from arena.frame_test import frame_test
-from arena.head_data import HeadDataStore
 from arena.models_folder import BEST_HEAD_FILE, OPTUNA_DB, STUDY_SUMMARY_FILE, HeadCheckpoint
 from arena.split import make_split
 from arena.study import Objective, default_study_name, run_study, suggest_params, tune_head
@@ -35,25 +33,12 @@ from arena.study_storage import (
     worker_identity,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: a second thread only adds synchronisation, and CI cores are shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _quiet_optuna():
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
-    return build_world(tmp_path_factory.mktemp("study"))
-
-
-@pytest.fixture(scope="module")
-def store(setup) -> HeadDataStore:
-    return HeadDataStore.from_cache(FeatureCache.open(setup["cache"]), setup["split"])
 
 
 def _finished(study) -> int:
