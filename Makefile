@@ -18,7 +18,9 @@ TRIALS      ?= 50
 # Real runs use ImageNet weights from the timm hub cache; pass WEIGHTS=--weights=/path/model.safetensors
 # for a local file, or WEIGHTS=--no-pretrained for a random backbone.
 WEIGHTS     ?= --pretrained
+FEATURE_ARGS ?=
 TRAIN_ARGS  ?=
+SUBMIT_ARGS ?=
 
 # The embedded demo: a small synthetic dataset, a random-init backbone at a small input size.
 DEMO_DIR    ?= demo
@@ -63,7 +65,7 @@ doctor: setup  ## check layout, FFmpeg, torch stack, GPU/NVML and weights for DA
 
 features: setup  ## decode every video once and cache backbone features for every TTA variant
 	$(ARENA) features --data $(DATA) --cache $(CACHE) --frames $(FRAMES) \
-	  --device $(DEVICE) --workers $(WORKERS) $(WEIGHTS)
+	  --device $(DEVICE) --workers $(WORKERS) $(WEIGHTS) $(FEATURE_ARGS)
 
 tune-head: setup  ## Optuna trials on the attention head from the cache, then the 24/32/48 frame test
 	$(ARENA) tune-head --data $(DATA) --cache $(CACHE) --models $(MODELS) --n-trials $(TRIALS) --device $(DEVICE)
@@ -77,7 +79,7 @@ train-full: setup  ## fine-tune backbone + head end to end (resumes with TRAIN_A
 
 submit: setup  ## full-video TTA inference on the test set -> $(SUBMISSION), verified against the cache
 	$(ARENA) submit --data $(DATA) --models $(MODELS) --out $(SUBMISSION) --device $(DEVICE) --workers $(WORKERS) \
-	  --verify $(CACHE)
+	  --verify $(CACHE) $(SUBMIT_ARGS)
 
 evaluate: setup  ## metrics with and without TTA on the validation split
 	$(ARENA) evaluate --data $(DATA) --models $(MODELS) --split val --device $(DEVICE)

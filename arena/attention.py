@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from arena.clips import ClipDataset
+from arena.faces.modes import face_cropper
 from arena.predict import LoadedModel, VideoPrediction
 
 
@@ -77,8 +78,9 @@ def attention_report(
             entry["error"] = pred.error or "no prediction"
             report.append(entry)
             continue
+        # The frames the head saw: face crops of the main track when the model crops faces.
         clip = ClipDataset([item_by_key[pred.key]], size=model.encoder.input_size, variants=model.variants[:1],
-                           frames=pred.frames_used)[0]
+                           frames=pred.frames_used, faces=face_cropper(model.crop))[0]
         entry.update(frame_indices=[int(i) for i in pred.frame_indices],
                      attention=[round(float(w), 6) for w in pred.attention], valid=[bool(v) for v in pred.valid])
         if clip.views is not None:

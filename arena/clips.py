@@ -6,12 +6,17 @@
 * Cache and submission: ``views`` are the TTA variants (``arena.tta``) of the uniformly sampled frames.
 * Training: the same decode, then the ``augment`` hook (one random draw per clip from a generator seeded by
   (seed, epoch, index)) gives a single view; validation clips use the ``original`` variant, as the cache does.
+* Face crops (``faces``, `arena.faces.FaceCropper`): the frames are decoded at full resolution, together with the
+  cropper's detection frames unless the cropper already holds the video's detections (`FaceCropper.prepare`, as
+  train-full does once before its epochs), and each sampled frame becomes a face-centred crop at the backbone's
+  input size before the TTA views or the augmentation; ``views`` is the main face track, ``track_views`` the others.
 
 ``encode_views`` runs the backbone over every view: the same function for the cache and for the full-video path.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -20,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from arena.errors import VideoDecodeError
+from arena.faces.stage import FaceCropper, FaceCrops
 from arena.runtime import autocast
 from arena.sampling import uniform_indices
 from arena.tta import tta_views
@@ -43,6 +49,11 @@ class ClipViews:
         message: why partial or failed.
         label: 0 real, 1 fake, None unknown.
         index: position of the video in its dataset.
+        boxes: face crops only: float32 ``[N, T, 4]`` crop boxes (x1, y1, x2, y2 in source pixels) of the N face
+            tracks (main first), NaN where the video had no face and the letterboxed whole frame was used.
+        faces_found: face crops only: False when no face was found (the whole frame, letterboxed); None without
+            face crops.
+        track_views: face crops with ``max_faces > 1``: the views of the other face tracks, each like ``views``.
     """
 
     key: str
@@ -54,6 +65,9 @@ class ClipViews:
     message: str = ""
     label: int | None = None
     index: int = -1
+    boxes: np.ndarray | None = None
+    faces_found: bool | None = None
+    track_views: tuple[torch.Tensor, ...] = ()
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -90,6 +104,7 @@ class ClipDataset(Dataset):
         seed: the augmentation seed.
         num_threads: FFmpeg threads per decoder.
         decode_device: ``cpu`` or ``cuda`` (NVDEC; the decoder falls back to CPU by itself where it cannot).
+        faces: face-centred crops (`arena.faces.FaceCropper`) instead of the whole frame resized; None: whole frames.
     """
 
     def __init__(
@@ -104,6 +119,7 @@ class ClipDataset(Dataset):
         seed: int = 0,
         num_threads: int = 1,
         decode_device: str = "cpu",
+        faces: FaceCropper | None = None,
     ) -> None:
         if (frames is None) == (frame_counts is None):
             raise ValueError("Give exactly one of frames (full-video path) and frame_counts (cache path).")
@@ -121,6 +137,7 @@ class ClipDataset(Dataset):
         self.seed = int(seed)
         self.num_threads = num_threads
         self.decode_device = decode_device
+        self.faces = faces
 
     def __len__(self) -> int:
         return len(self.items)
@@ -131,33 +148,63 @@ class ClipDataset(Dataset):
             return uniform_indices(num_source_frames, self.frames)
         return np.unique(np.concatenate([uniform_indices(num_source_frames, k) for k in self.frame_counts]))
 
+    def _decode_indices(self, num_source_frames: int, path: str | os.PathLike) -> np.ndarray:
+        """What the decoder reads: the sampled frames, plus the detection frames when cropping faces on a video
+        whose detections were not prepared (`FaceCropper.prepare`)."""
+        want = self.indices_for(num_source_frames)
+        if self.faces is None or self.faces.detections(path, num_source_frames) is not None:
+            return want
+        return np.union1d(want, self.faces.detection_indices(num_source_frames))
+
     def __getitem__(self, key: int | tuple[int, int]) -> ClipViews:
         epoch, i = key if isinstance(key, tuple) else (0, key)
         item = self.items[i]
         empty = np.zeros(0, dtype=np.int64)
         try:
             clip = decode_selected(
-                item.path, self.indices_for, size=self.size, device=self.decode_device, num_threads=self.num_threads
+                item.path, lambda n: self._decode_indices(n, item.path),
+                size=None if self.faces is not None else self.size, device=self.decode_device,
+                num_threads=self.num_threads,
             )
-            frames = clip.frames.cpu()
+            tracks, valid, face = self._frames(clip, item.path)
             if self.augment is not None:
-                views = self.augment(frames, np.random.default_rng([self.seed, epoch, i])).unsqueeze(0)
+                views = [self.augment(t, np.random.default_rng([self.seed, epoch, i])).unsqueeze(0) for t in tracks]
             else:
-                views = tta_views(frames, self.variants)
+                views = [tta_views(t, self.variants) for t in tracks]
         except VideoDecodeError as exc:
             # A broken video costs its own row or training step, never the run: recorded as failed with the reason.
             return ClipViews(item.key, None, empty, empty.astype(bool), 0, "failed", str(exc), item.label, index=i)
+        message = "; ".join(m for m in (clip.message, face.message if face is not None and not face.found else "")
+                            if m)
         return ClipViews(
             key=item.key,
-            views=views,
-            frame_indices=np.asarray(clip.frame_indices, dtype=np.int64),
-            valid=np.asarray(clip.valid, dtype=bool),
+            views=views[0],
+            frame_indices=self.indices_for(clip.num_source_frames) if face is not None
+            else np.asarray(clip.frame_indices, dtype=np.int64),
+            valid=valid,
             num_source_frames=int(clip.num_source_frames),
-            status="partial" if clip.partial else "ok",
-            message=clip.message,
+            status="ok" if valid.all() else "partial",
+            message=message,
             label=item.label,
             index=i,
+            boxes=None if face is None else face.boxes,
+            faces_found=None if face is None else bool(face.found),
+            track_views=tuple(views[1:]),
         )
+
+    def _frames(self, clip, path: str | os.PathLike) -> tuple[list[torch.Tensor], np.ndarray, FaceCrops | None]:
+        """The frames to make views of (one tensor per face track, or the resized frames), the valid mask, the
+        face crops (None without ``faces``)."""
+        if self.faces is None:
+            return [clip.frames.cpu()], np.asarray(clip.valid, dtype=bool), None
+        want = self.indices_for(clip.num_source_frames)
+        rows = np.searchsorted(clip.frame_indices, want)
+        # A row is valid when its frame was really decoded and is not a repeat of the row before (the mask the
+        # whole-frame path gets from the decoder).
+        valid = np.asarray(clip.valid, dtype=bool)[rows] & np.r_[True, np.diff(want) != 0]
+        face = self.faces.crop(clip.frames.cpu(), clip.frame_indices, want, self.size,
+                               num_source_frames=clip.num_source_frames, path=path)
+        return list(face.crops), valid, face
 
 
 def _identity(x):
@@ -165,7 +212,12 @@ def _identity(x):
 
 
 def make_loader(dataset: ClipDataset, *, workers: int, prefetch: int = 2) -> DataLoader:
-    """A DataLoader yielding one ``ClipViews`` at a time, decoding ``workers`` videos ahead of the model."""
+    """A DataLoader yielding one ``ClipViews`` at a time, decoding ``workers`` videos ahead of the model.
+
+    A face detector on CUDA runs in the workers too, which then start by ``spawn`` (CUDA cannot be used in a
+    forked process).
+    """
+    cuda_faces = dataset.faces is not None and dataset.faces.device.startswith("cuda")
     return DataLoader(
         dataset,
         batch_size=None,  # one video per item: videos have different frame counts
@@ -174,6 +226,7 @@ def make_loader(dataset: ClipDataset, *, workers: int, prefetch: int = 2) -> Dat
         prefetch_factor=prefetch if workers > 0 else None,
         persistent_workers=False,
         collate_fn=_identity,
+        multiprocessing_context="spawn" if cuda_faces and workers > 0 else None,
     )
 
 

@@ -2,7 +2,8 @@
 
 Each check gives one :class:`Check` row (ok / warn / FAIL). Essential checks (the data layout when a data folder
 is given, torch, torchcodec with its FFmpeg libraries) decide the exit status; the rest (ffmpeg CLI, GPU, NVML,
-pretrained weights) only warn, because every stage has a CPU / ``--no-pretrained`` path.
+pretrained weights, the face detector) only warn, because every stage has a CPU / ``--no-pretrained`` /
+``--crop none`` path.
 """
 
 from __future__ import annotations
@@ -280,6 +281,26 @@ def _check_gpu(result: DoctorResult) -> None:
                                    "temperature/VRAM guard is off"))
 
 
+def _check_face_detector(result: DoctorResult) -> None:
+    """The default face detector of ``--crop faces``: package, version, licence; a warning (``--crop none`` works
+    without it) with the install command when it is missing. Other installed detectors are named on the same line."""
+    try:
+        from arena.faces.detect import DETECTORS, detector_info  # imports torch: reported above when it is broken
+    except ImportError as e:
+        result.checks.append(Check("face detector", "warn", f"not checked: {str(e).splitlines()[0][:120]}"))
+        return
+    info = detector_info(DETECTORS[0])
+    others = [f"{i['name']} ({i['package']} {i['version']})" for i in map(detector_info, DETECTORS[1:])
+              if i["available"]]
+    also = f"; also installed: {', '.join(others)}" if others else ""
+    if info["available"]:
+        detail = f"{info['name']}: {info['package']} {info['version']} ({info['licence']}), {info['note']}{also}"
+        result.checks.append(Check("face detector", "ok", detail))
+    else:
+        result.checks.append(Check("face detector", "warn", f"{info['name']}: {info['package']} {info['note']} "
+                                   f"(needed by --crop faces only){also}"))
+
+
 def run_doctor(data: str | os.PathLike | None = None, *, backbone: str = DEFAULT_BACKBONE,
                weights: str | os.PathLike | None = None,
                expect: tuple[int, int, int] | None = COMPETITION_COUNTS) -> DoctorResult:
@@ -298,6 +319,7 @@ def run_doctor(data: str | os.PathLike | None = None, *, backbone: str = DEFAULT
     _check_ffmpeg_cli(result)
     if torch_ok:
         _check_gpu(result)
+    _check_face_detector(result)
     ok, detail = weights_status(backbone, weights)
     result.checks.append(Check("backbone weights", "ok" if ok else "warn", detail))
     return result

@@ -62,3 +62,7 @@ class OutOfMemoryAfterFallback(ArenaError, RuntimeError):
 
 class OptionError(ArenaError, ValueError):
     """An option's value is outside what is allowed (the message gives the allowed values or range)."""
+
+
+class FaceDetectorUnavailable(ArenaError, RuntimeError):
+    """The package behind a face detector is not installed (or does not import); the message gives the pip command."""

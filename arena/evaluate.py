@@ -104,6 +104,8 @@ def evaluate(
     precision: Precision = "auto",
     seed: int = 0,
     progress: bool = True,
+    crop: str | None = None,
+    max_faces: int | None = None,
 ) -> dict[str, Any]:
     """Metrics with and without TTA on the validation split or a labelled folder; writes ``evaluation.json``.
 
@@ -117,6 +119,7 @@ def evaluate(
         kind, frames: which model and how many frames per video (`arena.predict.load_model`).
         device, workers, frame_batch, precision: how the full-video path runs (`arena.predict.predict_items`).
         seed: seeds torch.
+        crop, max_faces: the crop mode check and the face tracks scored per video (`arena.predict.load_model`).
 
     Raises:
         OptionError: neither a split nor labels, or ``attention`` keys that are not evaluated.
@@ -136,7 +139,7 @@ def evaluate(
     if unknown:
         raise OptionError(f"--attention keys not among the evaluated videos: {unknown[:5]} "
                           f"(e.g. {items[0].key!r}).")
-    model = load_model(models, kind=kind, frames=frames, tta=True, device=dev)
+    model = load_model(models, kind=kind, frames=frames, tta=True, device=dev, crop=crop, max_faces=max_faces)
     run = predict_items(items, model, device=dev, workers=workers, frame_batch=frame_batch, precision=precision,
                         progress=progress, desc="evaluate")
     preds = run.predictions
@@ -147,7 +150,9 @@ def evaluate(
         "fallbacks": dict(run.fallbacks), "seconds": round(run.seconds, 3),
         "metrics": evaluation_metrics(preds),
         "videos": [{"key": p.key, "label": p.label, "p_fake": round(p.p_fake, 6),
-                    "p_original": round(p.variant_p.get("original", p.p_fake), 6), "status": p.status}
+                    "p_original": round(p.variant_p.get("original", p.p_fake), 6), "status": p.status,
+                    **({} if p.faces_found is None else {"faces_found": p.faces_found,
+                                                          "p_tracks": [round(x, 6) for x in p.track_p]})}
                    for p in preds],
     }
     out = Path(out) if out is not None else Path(models) / EVALUATION_FILE

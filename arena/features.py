@@ -20,6 +20,8 @@ from tqdm import tqdm
 from arena.cache import FEATURE_FORMAT, CacheWriter, Provenance, shard_items
 from arena.clips import ClipDataset, encode_views, iter_clips
 from arena.data import load_dataset
+from arena.faces.modes import crop_provenance, face_cropper
+from arena.faces.stage import FaceCropConfig
 from arena.model import DEFAULT_BACKBONE, FrameEncoder, create_encoder
 from arena.runtime import resolve_device
 from arena.sampling import FRAME_CHOICES, sampling_spec
@@ -43,6 +45,7 @@ class RunSummary:
     failed: dict[str, str] = field(default_factory=dict)
     frames: int = 0
     seconds: float = 0.0
+    no_face: list[str] = field(default_factory=list)  # face crops: videos with no face (whole frame, letterboxed)
     excluded: list[str] = field(default_factory=list)  # videos/CSV rows the data check skipped, with reasons
     warnings: list[str] = field(default_factory=list)  # other data-check warnings (e.g. a missing CSV)
 
@@ -54,6 +57,9 @@ class RunSummary:
             f"failed {len(self.failed)}; {self.seconds:.1f} s, {rate:.2f} videos/s, {fps:.1f} frames/s"
         ]
         out += [f"  failed {k}: {msg}" for k, msg in sorted(self.failed.items())]
+        if self.no_face:
+            out.append(f"no face found in {len(self.no_face)} video(s), whole frame used (letterboxed): "
+                       + ", ".join(self.no_face[:10]) + (" ..." if len(self.no_face) > 10 else ""))
         out += [f"data check: {msg}" for msg in self.warnings]
         if self.excluded:
             out.append(f"not in the data set (skipped by the data check) {len(self.excluded)}:")
@@ -63,7 +69,8 @@ class RunSummary:
         return out
 
 
-def provenance_for(encoder: FrameEncoder, *, variants: Sequence[str], frame_counts: Sequence[int]) -> Provenance:
+def provenance_for(encoder: FrameEncoder, *, variants: Sequence[str], frame_counts: Sequence[int],
+                   crop: FaceCropConfig | None = None) -> Provenance:
     """The cache provenance that describes features made by ``encoder`` with these options."""
     return Provenance(
         backbone=encoder.name,
@@ -80,6 +87,7 @@ def provenance_for(encoder: FrameEncoder, *, variants: Sequence[str], frame_coun
         frame_counts=tuple(sorted(int(k) for k in frame_counts)),
         feature_dim=int(encoder.feature_dim),
         feature_format=FEATURE_FORMAT,
+        crop=crop_provenance(crop),
     )
 
 
@@ -100,6 +108,7 @@ def extract_features(
     limit: int | None = None,
     shard: tuple[int, int] | None = None,
     precision: str = "auto",
+    crop: FaceCropConfig | None = None,
 ) -> RunSummary:
     """Build (or resume) the feature cache for every train and test video of ``data``.
 
@@ -110,6 +119,8 @@ def extract_features(
         frame_batch: frames per backbone forward (all views of a video are flattened into these).
         shard: ``(i, n)``: process every n-th video, into ``cache.shard-i-of-n.h5``.
         precision: autocast policy of `arena.runtime` (``auto`` or ``fp32``, ...).
+        crop: face-centred crops (`arena.faces.FaceCropConfig`) instead of whole frames; None: whole frames. The
+            detector runs in the decoding workers on the CPU, or batched on the GPU when ``device`` is CUDA.
 
     Returns:
         The run summary; the cache is complete when ``summary.failed`` is empty. Videos and CSV rows the data
@@ -122,7 +133,7 @@ def extract_features(
     )
     encoder = encoder.to(dev).eval().to(memory_format=torch.channels_last)
     variants = VARIANTS if tta else VARIANTS[:1]
-    prov = provenance_for(encoder, variants=variants, frame_counts=frame_counts)
+    prov = provenance_for(encoder, variants=variants, frame_counts=frame_counts, crop=crop)
 
     items = list(dataset.train) + list(dataset.test)
     if shard is not None:
@@ -137,7 +148,7 @@ def extract_features(
         if limit is not None:
             todo = todo[:limit]
         clips = ClipDataset(todo, size=prov.input_size, variants=variants, frame_counts=frame_counts,
-                            decode_device=DECODE_DEVICE)
+                            decode_device=DECODE_DEVICE, faces=face_cropper(crop, dev))
         bar = tqdm(total=len(todo), desc="features", unit="video", dynamic_ncols=True)
         for clip in iter_clips(clips, workers=workers):
             if clip.views is None:
@@ -154,7 +165,10 @@ def extract_features(
                     status=clip.status,
                     message=clip.message,
                     valid=clip.valid,
+                    boxes=None if clip.boxes is None else clip.boxes[0],
                 )
+                if clip.faces_found is False:
+                    summary.no_face.append(clip.key)
                 summary.done += 1
                 summary.partial += clip.status == "partial"
                 summary.frames += int(clip.views.shape[0] * clip.views.shape[1])

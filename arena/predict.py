@@ -25,8 +25,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from arena.cache.provenance import NO_CROP
 from arena.clips import ClipDataset, ClipViews, encode_views, iter_clips
 from arena.errors import ArenaError, ModelsError, OptionError, PredictError, WeightsUnavailable
+from arena.faces import modes as crop_modes
+from arena.faces.modes import face_cropper
 from arena.hardware import empty_cuda_cache, is_oom
 from arena.model import create_encoder
 from arena.models_folder import BEST_HEAD_FILE, DetectorCheckpoint, HeadCheckpoint, find_finetuned, resolve_frames
@@ -61,6 +64,9 @@ class LoadedModel:
             the cache's float16 features, so the full path feeds it the same quantisation the cache path does.
         cache_provenance: head-only: the provenance of the cache the head was tuned on (a dict).
         info: JSON-able description for outputs.
+        crop: how frames are cut for this model (``{"mode": "none"}`` or the face-crop settings it was trained with,
+            `arena.faces.modes`).
+        max_faces: face tracks scored per video (face crops); the video's P(fake) is the maximum over them.
     """
 
     kind: Literal["finetuned", "head-only"]
@@ -73,8 +79,12 @@ class LoadedModel:
     round_fp16: bool
     cache_provenance: dict | None = None
     info: dict = field(default_factory=dict)
+    crop: dict = field(default_factory=lambda: dict(NO_CROP))
+    max_faces: int = 1
 
     def __post_init__(self) -> None:
+        if self.max_faces < 1:
+            raise ValueError(f"max_faces must be >= 1, got {self.max_faces}.")
         if self.frames < 1:
             raise ValueError(f"frames must be >= 1, got {self.frames}.")
         if not self.variants:
@@ -142,7 +152,8 @@ def _load_finetuned(path: Path, device: torch.device | str) -> tuple[torch.nn.Mo
         raise ModelsError(f"{path}: the weights do not fit {ckpt.backbone} + head {ckpt.config['head']}: "
                           f"{(str(exc).splitlines() or [''])[0][:300]}; rerun {DetectorCheckpoint.RERUN}.") from exc
     info = {"kind": "finetuned", "checkpoint": str(path), "backbone": ckpt.backbone, "epoch": ckpt.epoch,
-            "val_auc": ckpt.val_auc, "weights_hash": detector.encoder.weights_hash(), "head": ckpt.config["head"]}
+            "val_auc": ckpt.val_auc, "weights_hash": detector.encoder.weights_hash(), "head": ckpt.config["head"],
+            "crop": ckpt.config.get("crop") or dict(NO_CROP)}
     return _prepare(detector.encoder, device), detector.head.to(device).eval(), info
 
 
@@ -153,6 +164,8 @@ def load_model(
     frames: int | None = None,
     tta: bool = True,
     device: torch.device | str = "cpu",
+    crop: str | None = None,
+    max_faces: int | None = None,
 ) -> LoadedModel:
     """The submission model: the fine-tuned checkpoint when present, else the head-only model.
 
@@ -163,9 +176,12 @@ def load_model(
         frames: frames per video; default from ``frame_test.json``, else 24 (`resolve_frames`).
         tta: average the five TTA variants (else the original frames only).
         device: where the model runs.
+        crop: ``none`` or ``faces``: must be the crop mode the model was trained with (None: the model's).
+        max_faces: face tracks scored per video (face-crop models); None: the model's setting, else 1.
 
     Raises:
         ModelsError: no model, or a checkpoint that is unsafe, incomplete or does not fit its configuration.
+        PredictError: ``crop`` differs from the model's crop mode.
         PredictError: the head-only model's encoder cannot be recreated exactly.
     """
     if kind not in MODEL_KINDS:
@@ -189,7 +205,10 @@ def load_model(
         if ft_path is None:
             raise ModelsError(f"no <backbone>_best.pt in {models}; run `arena train-full` or use --model head-only.")
         encoder, head, info = _load_finetuned(ft_path, device)
-        return LoadedModel("finetuned", encoder, head, k, k_source, variants, ft_path, round_fp16=False, info=info)
+        model_crop = dict(info.pop("crop"))
+        _check_crop(ft_path, model_crop, crop)
+        return LoadedModel("finetuned", encoder, head, k, k_source, variants, ft_path, round_fp16=False, info=info,
+                           crop=model_crop, max_faces=_max_faces(model_crop, max_faces))
 
     if not head_path.is_file():
         raise ModelsError(f"{head_path} does not exist; run `arena tune-head` first.")
@@ -198,12 +217,33 @@ def load_model(
     if not prov:
         raise ModelsError(f"{head_path}: no cache provenance, so the encoder it needs is unknown; rerun "
                           f"{HeadCheckpoint.RERUN}.")
+    model_crop = dict(prov.get("crop") or NO_CROP)
+    _check_crop(head_path, model_crop, crop)
     encoder = recreate_encoder(prov, device=device)
     info = {"kind": "head-only", "checkpoint": str(head_path), "backbone": prov.get("backbone"),
             "weights_source": prov.get("weights_source"), "weights_hash": prov.get("weights_hash"),
-            "head": ckpt.config}
+            "head": ckpt.config, "crop": model_crop}
     return LoadedModel("head-only", encoder, ckpt.build().to(device), k, k_source, variants, head_path,
-                       round_fp16=True, cache_provenance=prov, info=info)
+                       round_fp16=True, cache_provenance=prov, info=info, crop=model_crop,
+                       max_faces=_max_faces(model_crop, max_faces))
+
+
+def _check_crop(path: Path, model_crop: dict, requested: str | None) -> None:
+    """Refuse a ``--crop`` other than the one the model was trained with: its numbers would mean nothing."""
+    mode = model_crop.get("mode", "none")
+    if requested is not None and requested != mode:
+        raise PredictError(
+            f"{path} was trained on {crop_modes.describe(model_crop)}, but --crop {requested} was asked for: a model "
+            f"only scores frames cut the way it was trained. Drop --crop (the model's mode is used) or train a "
+            f"model with --crop {requested}.")
+
+
+def _max_faces(model_crop: dict, requested: int | None) -> int:
+    if model_crop.get("mode", "none") == "none":
+        if requested not in (None, 1):
+            raise OptionError(f"--max-faces {requested} needs a face-crop model (this one uses whole frames).")
+        return 1
+    return int(requested or model_crop.get("max_faces") or 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,6 +305,9 @@ class VideoPrediction:
         status: ``ok``, ``partial`` (fewer distinct frames than asked) or ``failed``.
         error: decode/OOM/other error text, empty when none.
         features: float32 ``[V, T, d]`` when asked to keep them (verification).
+        track_p: face crops: P(fake) of each face track (main first); ``p_fake`` is their maximum.
+        faces_found: face crops: False when no face was found (the whole frame, letterboxed); None without crops.
+        boxes: face crops: float32 ``[T, 4]`` crop boxes of the main face track (source pixels; NaN: no face).
     """
 
     key: str
@@ -282,6 +325,14 @@ class VideoPrediction:
     status: str = "ok"
     error: str = ""
     features: np.ndarray | None = None
+    track_p: list[float] = field(default_factory=list)
+    faces_found: bool | None = None
+    boxes: np.ndarray | None = None
+
+    @property
+    def main_p(self) -> float:
+        """P(fake) of the main face track (of the whole frames without face crops): what the cache path computes."""
+        return self.track_p[0] if self.track_p else self.p_fake
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.p_fake <= 1.0):
@@ -341,7 +392,8 @@ class _Predictor:
         return p, attn, feats.numpy()
 
     def _decode(self, item: Any, frames: int, variants: Sequence[str]) -> ClipViews:
-        return ClipDataset([item], size=self.model.encoder.input_size, variants=variants, frames=frames)[0]
+        return ClipDataset([item], size=self.model.encoder.input_size, variants=variants, frames=frames,
+                           faces=face_cropper(self.model.crop, self.device, max_faces=self.model.max_faces))[0]
 
     def __call__(self, clip: ClipViews, item: Any) -> VideoPrediction:
         k = self.model.frames
@@ -369,6 +421,10 @@ class _Predictor:
                     current = fresh
                 views = current.views[: len(step_variants)]
                 p, attn, feats = self._compute(views, current.valid)
+                # Other face tracks (--max-faces): each scored alike; the video is as fake as its most fake face.
+                track_p = [float(np.mean(p))] + [float(np.mean(self._compute(t[: len(step_variants)],
+                                                                               current.valid)[0]))
+                                                 for t in current.track_views]
             except Exception as exc:  # noqa: BLE001 - one bad video must not end the run; recorded below
                 text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
                 if not is_oom(exc):
@@ -383,7 +439,7 @@ class _Predictor:
             valid = np.asarray(current.valid, dtype=bool)
             return VideoPrediction(
                 key=clip.key,
-                p_fake=float(np.clip(np.mean(p), 0.0, 1.0)),
+                p_fake=float(np.clip(max(track_p), 0.0, 1.0)),
                 variant_p={v: float(x) for v, x in zip(step_variants, p, strict=True)},
                 label=clip.label,
                 frames_requested=k,
@@ -397,6 +453,9 @@ class _Predictor:
                 status=current.status,
                 error="; ".join([*errors, *([current.message] if current.message else [])]),
                 features=feats if self.keep_features else None,
+                track_p=track_p if current.faces_found is not None else [],
+                faces_found=current.faces_found,
+                boxes=None if current.boxes is None else current.boxes[0],
             )
         return failed_prediction(clip.key, label=clip.label, frames=k, fallback="0.5 (out of memory)",
                                  error="; ".join(errors))
@@ -435,7 +494,8 @@ def predict_items(
     dev = torch.device(device) if isinstance(device, str) else device
     autocast_dtype(dev, precision)  # a bad precision is the user's option, not one video's failure: refuse it here
     items = list(items)
-    ds = ClipDataset(items, size=model.encoder.input_size, variants=model.variants, frames=model.frames)
+    ds = ClipDataset(items, size=model.encoder.input_size, variants=model.variants, frames=model.frames,
+                     faces=face_cropper(model.crop, dev, max_faces=model.max_faces))
     predictor = _Predictor(model, device=dev, frame_batch=frame_batch, precision=precision,
                            keep_features=keep_features)
     preds: list[VideoPrediction] = []

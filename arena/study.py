@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from arena._files import atomic_write_text
 from arena.errors import ModelsError, OptionError, StudyError
+from arena.faces.modes import describe as describe_crop
 from arena.head_data import HeadDataStore, open_head_data
 from arena.head_train import HIDDEN, HeadParams, HeadTrainConfig, train_head
 from arena.models_folder import (
@@ -305,7 +306,7 @@ def tune_head(cache_path: str | os.PathLike, data_root: str | os.PathLike, model
               n_trials: int = 50, timeout: float | None = None, storage: str | None = None,
               study_name: str | None = None, seed: int = 0, frames: Sequence[int] | None = None,
               epochs: int = 30, patience: int = 4, batch_size: int = 64, device: str = "auto",
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, crop: str | None = None) -> dict[str, Any]:
     """``arena tune-head``: run/resume the study until ``n_trials`` finished trials, then write the outputs.
 
     Args:
@@ -314,6 +315,8 @@ def tune_head(cache_path: str | os.PathLike, data_root: str | os.PathLike, model
             on the same, unchanged feature cache.
         batch_size: videos per training step.
         device: auto, cpu, cuda or cuda:N.
+        crop: ``none`` or ``faces``: the crop mode the cache must have been built with (None: whatever it has).
+            The head is tuned on the cache's features, so it inherits the cache's crop settings.
 
     Returns:
         the study summary (also written to ``<models>/study_summary.json``).
@@ -321,12 +324,18 @@ def tune_head(cache_path: str | os.PathLike, data_root: str | os.PathLike, model
     models = _models_folder(models_dir)
     url = storage or f"sqlite:///{(models / OPTUNA_DB).resolve()}"
     store, split = open_head_data(cache_path, data_root, models, device=device)
+    cache_crop = store.provenance.get("crop") or {"mode": "none"}
+    if crop is not None and crop != cache_crop["mode"]:
+        raise OptionError(f"--crop {crop}: the cache {cache_path} was built with crop {describe_crop(cache_crop)}; "
+                          f"build a cache with `arena features --crop {crop}` first.")
     study_name = study_name or default_study_name(split.sha256)
     frame_choices = store.check_frames(frames) if frames else store.frame_counts
     config = HeadTrainConfig(max_epochs=epochs, patience=patience, batch_size=batch_size, seed=seed)
     # The study (not the cache) is tied to the split: its trials were measured on this split's validation part.
     context = {"split_sha256": split.sha256, "feature_dim": int(store.provenance.get("feature_dim", 0) or 0),
                "backbone": store.provenance.get("backbone"), "weights_hash": store.provenance.get("weights_hash")}
+    if cache_crop["mode"] != "none":  # whole-frame studies keep the context they always had (they resume)
+        context["crop"] = cache_crop
     started = time.monotonic()
     study = run_study(store, storage=create_storage(url), study_name=study_name, n_trials=n_trials,
                       timeout=timeout, seed=seed, frame_choices=frame_choices, config=config, context=context,

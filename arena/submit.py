@@ -172,12 +172,15 @@ def check_submission(
 
 
 def detail_csv(predictions: Sequence[VideoPrediction], filenames: Sequence[str], variants: Sequence[str]) -> str:
-    """``predictions_detail.csv``: p_fake, per-variant p_fake, frames used, fallback and status/error per video."""
+    """``predictions_detail.csv``: p_fake, per-variant p_fake, frames used, fallback and status/error per video;
+    with face crops also ``faces`` (``found`` / ``none``: whole frame) and ``p_tracks`` (P(fake) per face track,
+    ``;``-separated, main first; p_fake is their maximum)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(
         ["filename", "key", "p_fake", "label", "probability", *[f"p_{v}" for v in variants], "frames_requested",
-         "frames_used", "distinct_frames", "num_source_frames", "variants_used", "fallback", "status", "error"]
+         "frames_used", "distinct_frames", "num_source_frames", "variants_used", "fallback", "status", "error",
+         "faces", "p_tracks"]
     )
     for name, pred in zip(filenames, predictions, strict=True):
         label, conf = label_and_confidence(pred.p_fake)
@@ -187,7 +190,9 @@ def detail_csv(predictions: Sequence[VideoPrediction], filenames: Sequence[str],
         writer.writerow(
             [name, pred.key, f"{pred.p_fake:.{PROBABILITY_DIGITS}f}", label, f"{conf:.{PROBABILITY_DIGITS}f}",
              *per_variant, pred.frames_requested, pred.frames_used, pred.distinct_frames, pred.num_source_frames,
-             len(pred.variant_p), pred.fallback, pred.status, pred.error]
+             len(pred.variant_p), pred.fallback, pred.status, pred.error,
+             "" if pred.faces_found is None else ("found" if pred.faces_found else "none"),
+             ";".join(f"{p:.{PROBABILITY_DIGITS}f}" for p in pred.track_p)]
         )
     return buf.getvalue()
 
@@ -270,6 +275,8 @@ def make_submission(
     seed: int = 0,
     progress: bool = True,
     echo: Callable[[str], None] | None = print,
+    crop: str | None = None,
+    max_faces: int | None = None,
 ) -> SubmitResult:
     """Predict every test video through the full-video path, verify, validate and write the submission.
 
@@ -289,6 +296,8 @@ def make_submission(
         verify_sample: videos compared (None: all).
         seed: seeds torch and the verification sample; same seed, same inputs -> byte-identical CSV.
         progress: show a progress bar. echo: where the report lines go (None: silent).
+        crop: ``none``/``faces``, checked against the model's crop mode (None: the model's).
+        max_faces: face tracks scored per video, the video's P(fake) being their maximum (None: the model's).
 
     Raises:
         SubmissionError: nothing to submit, every video failed, verification or validation failed.
@@ -301,9 +310,10 @@ def make_submission(
     rows = submission_rows(dataset)
     if not rows:
         raise SubmissionError(f"{data}: test_public.csv lists no test video; nothing to submit.")
-    model = load_model(models, kind=kind, frames=frames, tta=tta, device=dev)
+    model = load_model(models, kind=kind, frames=frames, tta=tta, device=dev, crop=crop, max_faces=max_faces)
+    faces = "" if model.crop.get("mode") == "none" else f", face crops ({model.max_faces} track(s) per video)"
     say(f"model: {model.kind} ({model.source}), {model.frames} frames ({model.frames_source}), "
-        f"TTA {len(model.variants)} variant(s), device {dev}")
+        f"TTA {len(model.variants)} variant(s){faces}, device {dev}")
     if verify is not None:
         open_verify_cache(model, verify)  # fail fast, before the whole test set is predicted
     item_by_key = {it.key: it for it in dataset.test}

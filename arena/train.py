@@ -39,6 +39,7 @@ from arena._files import remove_stale_temporaries
 from arena.data import load_dataset
 from arena.distributed import Dist, EpochSampler, barrier, gather, setup_distributed, unwrap
 from arena.errors import ModelsError, TrainError
+from arena.faces.modes import crop_provenance, face_cropper
 from arena.hardware import GpuGuard, halving_schedule, run_with_oom_fallback
 from arena.models_folder import (
     BEST_HEAD_FILE,
@@ -320,7 +321,17 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
         "split_sha256": split.sha256, "train_videos": len(train_items), "val_videos": len(val_items),
         "world_size": dist.world, "optimizer": "AdamW", "scheduler": "ReduceLROnPlateau(val loss, factor 0.1)",
         "early_stopping": "val loss", "checkpoint": cfg.best_path.name, "train_augment": train_augment_spec(),
+        "crop": crop_provenance(cfg.crop),
     }
+
+    # --- face crops: boxes depend on the video alone, so detect once here (on the CPU, in `cfg.workers`
+    # processes), not in every epoch's decoding workers; the prepared detections travel with the datasets.
+    faces = face_cropper(cfg.crop, "cpu")
+    if faces is not None:
+        t_faces = time.perf_counter()
+        undecodable = faces.prepare([it.path for it in [*train_items, *val_items]], workers=cfg.workers)
+        log.info("face detection on %d videos: %.1f s (%d could not be decoded)", len(train_items) + len(val_items),
+                 time.perf_counter() - t_faces, len(undecodable))
 
     # --- resume
     history: list[dict[str, Any]] = []
@@ -355,7 +366,8 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
         log.info("resuming from %s after epoch %d", cfg.last_path, resumed_from)
     else:
         if head_stats == "train":
-            n = calibrate_head_stats(model, train_items, frames=frames, device=device, amp_dtype=amp, seed=cfg.seed)
+            n = calibrate_head_stats(model, train_items, frames=frames, device=device, amp_dtype=amp, seed=cfg.seed,
+                                     faces=faces)
             log.info("head input statistics recomputed from %d train-mode frames", n)
         torch.manual_seed(cfg.seed + 1)  # the data loaders' and dropout's stream, independent of the init's
 
@@ -365,8 +377,8 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
 
     # --- loaders (workers decode; the sampler hands them (epoch, index) keys)
     size = tuple(unwrap(model).encoder.input_size)
-    train_ds = train_dataset(train_items, frames=frames, size=size, seed=cfg.seed)
-    val_ds = eval_dataset(val_items, frames=frames, size=size)
+    train_ds = train_dataset(train_items, frames=frames, size=size, seed=cfg.seed, faces=faces)
+    val_ds = eval_dataset(val_items, frames=frames, size=size, faces=faces)
     train_sampler = EpochSampler(train_ds, world=dist.world, rank=dist.rank, shuffle=True, seed=cfg.seed,
                                  labels=[it.label for it in train_items] if cfg.balanced else None)
     val_sampler = EpochSampler(val_ds, world=dist.world, rank=dist.rank, shuffle=False, seed=cfg.seed)

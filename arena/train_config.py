@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from arena.errors import OptionError
+from arena.faces.stage import FaceCropConfig
 from arena.limits import MAX_FRAMES, MAX_IMAGE_SIZE, MAX_WORKERS, MIN_IMAGE_SIZE
 from arena.models_folder import LAST_FILE, finetuned_name
 from arena.runtime import PRECISIONS, check_device_name
@@ -42,6 +43,8 @@ class TrainConfig:
         balanced: class-balanced training order (real and fake alternate; see `arena.distributed.EpochSampler`).
         limit_train / limit_val: use at most this many videos of each part (quick runs, tests).
         min_frames: the fewest frames an out-of-memory retry may fall back to.
+        crop: face-centred crops (`arena.faces.FaceCropConfig`) for training and validation clips; None: whole
+            frames. Stored in the checkpoint's config, so submit cuts frames the same way.
 
     Raises:
         OptionError: a value outside its allowed range or choices (the message names both).
@@ -78,6 +81,7 @@ class TrainConfig:
     temp_pause_c: float = 78.0
     temp_resume_c: float = 72.0
     vram_warn_frac: float = 0.9
+    crop: FaceCropConfig | None = None
     empty_cache_each_video: bool = False
 
     def __post_init__(self) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from arena.clips import ClipDataset, ClipViews
+from arena.faces.stage import FaceCropper
 from arena.tta import train_augment
 
 
@@ -23,14 +24,17 @@ def augment_clip(frames: torch.Tensor, rng: np.random.Generator) -> torch.Tensor
     return train_augment(frames, rng=rng)
 
 
-def train_dataset(items: Sequence, *, frames: int, size: tuple[int, int], seed: int) -> ClipDataset:
-    """Training clips, augmented; index with ``(epoch, index)`` keys (`arena.distributed.EpochSampler`)."""
-    return ClipDataset(items, size=size, frames=frames, augment=augment_clip, seed=seed)
+def train_dataset(items: Sequence, *, frames: int, size: tuple[int, int], seed: int,
+                  faces: FaceCropper | None = None) -> ClipDataset:
+    """Training clips, augmented (face crops of the main track first, with ``faces``); index with
+    ``(epoch, index)`` keys (`arena.distributed.EpochSampler`)."""
+    return ClipDataset(items, size=size, frames=frames, augment=augment_clip, seed=seed, faces=faces)
 
 
-def eval_dataset(items: Sequence, *, frames: int, size: tuple[int, int]) -> ClipDataset:
+def eval_dataset(items: Sequence, *, frames: int, size: tuple[int, int],
+                 faces: FaceCropper | None = None) -> ClipDataset:
     """Validation (or test) clips: the ``original`` view, as in the cache and the submission."""
-    return ClipDataset(items, size=size, frames=frames, variants=("original",))
+    return ClipDataset(items, size=size, frames=frames, variants=("original",), faces=faces)
 
 
 def limit_items(items: list, n: int | None, seed: int) -> list:

@@ -14,8 +14,11 @@ from pathlib import Path
 
 import torch
 
+from arena.cache.provenance import NO_CROP
 from arena.clips import ClipDataset
 from arena.errors import ModelsError, TrainError
+from arena.faces.modes import crop_provenance
+from arena.faces.stage import FaceCropper
 from arena.model import Detector, DetectorHead, FrameEncoder, create_encoder
 from arena.models_folder import BEST_HEAD_FILE, HeadCheckpoint
 from arena.runtime import autocast, precision_name
@@ -55,14 +58,15 @@ def load_tuned_head(models: str | Path) -> TunedHead | None:
     return TunedHead(HeadCheckpoint.load(path), source=f"file:{path}")
 
 
-def tuned_head_mismatch(tuned: TunedHead, encoder: FrameEncoder) -> list[str]:
-    """Why the tuned head does not fit this backbone (its features came from another one), or []."""
+def tuned_head_mismatch(tuned: TunedHead, encoder: FrameEncoder, crop: dict | None = None) -> list[str]:
+    """Why the tuned head does not fit this backbone and crop mode (its features came from other ones), or []."""
     prov, config = tuned.checkpoint.provenance, tuned.checkpoint.config
     wanted = {"backbone": encoder.name, "weights_source": encoder.weights_source,
-              "input_size": list(encoder.input_size), "feature_dim": encoder.feature_dim}
+              "input_size": list(encoder.input_size), "feature_dim": encoder.feature_dim,
+              "crop": crop or dict(NO_CROP)}
     have = {"backbone": prov.get("backbone"), "weights_source": prov.get("weights_source"),
             "input_size": list(prov["input_size"]) if prov.get("input_size") is not None else None,
-            "feature_dim": config.get("dim", prov.get("feature_dim"))}
+            "feature_dim": config.get("dim", prov.get("feature_dim")), "crop": prov.get("crop") or dict(NO_CROP)}
     return [f"{k}: tuned on {have[k]!r}, training {wanted[k]!r}" for k in wanted if have[k] != wanted[k]]
 
 
@@ -78,7 +82,7 @@ def build_model(cfg: TrainConfig, tuned: TunedHead | None) -> Detector:
                              image_size=cfg.image_size, seed=cfg.seed)
     torch.manual_seed(cfg.seed)  # the head's init, whatever the backbone consumed
     if tuned is not None:
-        mismatch = tuned_head_mismatch(tuned, encoder)
+        mismatch = tuned_head_mismatch(tuned, encoder, crop_provenance(cfg.crop))
         if mismatch and cfg.head_init == "tuned":
             raise ModelsError(f"{tuned.source} was tuned on other features: {'; '.join(mismatch)}. Rerun features "
                               "and tune-head with this backbone, or pass --head-init default.")
@@ -96,7 +100,8 @@ def build_model(cfg: TrainConfig, tuned: TunedHead | None) -> Detector:
 
 @torch.no_grad()
 def calibrate_head_stats(model: Detector, items: list, *, frames: int, device: torch.device,
-                         amp_dtype: torch.dtype | None, videos: int = 16, seed: int = 0) -> int:
+                         amp_dtype: torch.dtype | None, videos: int = 16, seed: int = 0,
+                         faces: FaceCropper | None = None) -> int:
     """Set the head's input standardisation from train-mode backbone features of a few training clips.
 
     BatchNorm runs in train mode as in training (its running statistics are restored afterwards, so the only
@@ -106,7 +111,8 @@ def calibrate_head_stats(model: Detector, items: list, *, frames: int, device: t
         TrainError: none of the clips could be decoded.
     """
     encoder, head = model.encoder, model.head
-    ds: ClipDataset = eval_dataset(limit_items(items, videos, seed), frames=frames, size=tuple(encoder.input_size))
+    ds: ClipDataset = eval_dataset(limit_items(items, videos, seed), frames=frames, size=tuple(encoder.input_size),
+                                   faces=faces)
     saved = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     was_training = encoder.training
     encoder.train()

@@ -20,10 +20,17 @@ import torch
 from arena.cache import FeatureCache
 from arena.clips import ClipDataset, encode_views
 from arena.errors import CacheError, OptionError, SubmissionError
+from arena.faces import modes as crop_modes
+from arena.faces.modes import face_cropper
 from arena.predict import LoadedModel, VideoPrediction, head_probabilities, recreate_encoder
 from arena.runtime import Precision, resolve_device
 
 VERIFY_TOLERANCE = 1e-3
+
+
+#: Crop boxes are computed by the same code from the same detection frames on both paths: they must agree exactly
+#: (a float32 rounding at most).
+BOX_TOLERANCE_PX = 1e-3
 
 
 @dataclass
@@ -39,6 +46,8 @@ class VerifyResult:
         tolerance: the largest allowed |p_fake difference|.
         max_feature_diff: finetuned mode: largest |feature difference| relative to the feature scale (allowed: ten
             times ``tolerance``).
+        max_box_diff: face crops: largest |difference| in pixels between the cached and the full path's crop boxes
+            of the main face track (allowed: `BOX_TOLERANCE_PX`: both paths must cut the same pixels).
         skipped: videos not compared, with reasons (failed decode, not in cache, a fallback changed the frames).
         lines: human-readable report.
     """
@@ -48,6 +57,7 @@ class VerifyResult:
     max_abs_diff: float
     tolerance: float
     max_feature_diff: float | None = None
+    max_box_diff: float | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
 
@@ -55,7 +65,7 @@ class VerifyResult:
     def ok(self) -> bool:
         return bool(self.keys) and self.max_abs_diff <= self.tolerance and (
             self.max_feature_diff is None or self.max_feature_diff <= self.tolerance * 10
-        )
+        ) and (self.max_box_diff is None or self.max_box_diff <= BOX_TOLERANCE_PX)
 
 
 def sample_keys(keys: Sequence[str], n: int | None, *, seed: int) -> list[str]:
@@ -95,6 +105,11 @@ def open_verify_cache(model: LoadedModel, cache_path: str | Path) -> FeatureCach
             f"Cannot verify against {cache_path}: variants {missing_variants} are not in the cache "
             f"(it has {tuple(prov.variants)}). Rebuild the cache with TTA, or submit with --no-tta."
         )
+    if prov.crop != {k: v for k, v in model.crop.items() if k != "max_faces"}:
+        raise SubmissionError(
+            f"Cannot verify against {cache_path}: it was built with crop {crop_modes.describe(prov.crop)}, the model "
+            f"uses {crop_modes.describe(model.crop)}. Pass a cache built with the model's crop settings."
+        )
     if model.kind == "head-only" and model.encoder.weights_hash() != prov.weights_hash:
         raise SubmissionError(
             f"Cannot verify against {cache_path}: the submission encoder's weights hash "
@@ -112,6 +127,17 @@ def _cached_views(cache: FeatureCache, key: str, k: int, variants: Sequence[str]
         feats.append(np.asarray(f))
         mask = np.asarray(m, dtype=bool) if mask is None else mask
     return np.stack(feats), mask
+
+
+def _box_diff(cached: np.ndarray | None, full: np.ndarray | None) -> float:
+    """Largest |difference| (px) between two sets of crop boxes; NaN (no face) must match NaN; inf if one is missing."""
+    if cached is None or full is None:
+        return float("inf")
+    a, b = np.asarray(cached, dtype=np.float64), np.asarray(full, dtype=np.float64)
+    if a.shape != b.shape or not np.array_equal(np.isnan(a), np.isnan(b)):
+        return float("inf")
+    both = ~np.isnan(a)
+    return float(np.abs(a[both] - b[both]).max()) if both.any() else 0.0
 
 
 def verify_against_cache(
@@ -159,12 +185,14 @@ def verify_against_cache(
             candidates.append(key)
     keys = sample_keys(candidates, sample, seed=seed)
     lines = []
+    box_diffs: list[float] = []
     if model.kind == "head-only":
         diffs = []
         for key in keys:
             feats, mask = _cached_views(cache, key, k, variants)
             p_var, _ = head_probabilities(model.head, feats, mask, device=dev, round_fp16=False)
-            diffs.append(abs(float(np.mean(p_var)) - by_key[key].p_fake))
+            diffs.append(abs(float(np.mean(p_var)) - by_key[key].main_p))
+            box_diffs.append(_box_diff(cache.boxes(key, k), by_key[key].boxes))
         max_diff = max(diffs, default=float("inf"))
         result = VerifyResult("cache-features", keys, max_diff, tolerance, skipped=skipped)
         lines.append(
@@ -173,7 +201,8 @@ def verify_against_cache(
         )
     else:
         enc = recreate_encoder(prov, device=dev)
-        ds = ClipDataset([item_by_key[key] for key in keys], size=tuple(prov.input_size), variants=variants, frames=k)
+        ds = ClipDataset([item_by_key[key] for key in keys], size=tuple(prov.input_size), variants=variants, frames=k,
+                         faces=face_cropper(prov.crop, dev))
         feat_diffs, p_diffs = [], []
         for i, key in enumerate(keys):
             clip = ds[i]
@@ -182,6 +211,7 @@ def verify_against_cache(
                 continue
             ours = encode_views(enc, clip.views, device=dev, frame_batch=frame_batch, precision=precision).numpy()
             theirs, _ = _cached_views(cache, key, k, variants)
+            box_diffs.append(_box_diff(cache.boxes(key, k), None if clip.boxes is None else clip.boxes[0]))
             scale = float(np.abs(theirs).max()) or 1.0
             feat_diffs.append(float(np.abs(ours - theirs.astype(np.float32)).max()) / scale)
             full = by_key[key].features
@@ -191,7 +221,7 @@ def verify_against_cache(
             # The cache-path logic: float16 storage round trip, the per-k mask, the mean over variants.
             p_var, _ = head_probabilities(model.head, full.astype(np.float16), by_key[key].valid, device=dev,
                                           round_fp16=False)
-            p_diffs.append(abs(float(np.mean(p_var)) - by_key[key].p_fake))
+            p_diffs.append(abs(float(np.mean(p_var)) - by_key[key].main_p))
         max_diff = max(p_diffs, default=float("inf"))
         max_feat = max(feat_diffs, default=float("inf"))
         result = VerifyResult("finetuned", [key for key in keys if key not in skipped], max_diff, tolerance,
@@ -205,6 +235,11 @@ def verify_against_cache(
             f"verify: fine-tuned head on the full path's own features through the cache-path logic: max |p diff| "
             f"= {max_diff:.2e} (tolerance {tolerance:.0e})"
         )
+    if prov.crop_mode != "none":
+        max_box = max(box_diffs, default=float("inf"))
+        result.max_box_diff = max_box
+        lines.append(f"verify: face crop boxes of the main track, cache vs full path: max |diff| = {max_box:.2g} px "
+                     f"over {len(box_diffs)} videos (the crops are cut from the same boxes)")
     if skipped:
         lines.append(f"verify: {len(skipped)} videos not compared: " + "; ".join(
             f"{key}: {why}" for key, why in list(skipped.items())[:5]))

@@ -41,14 +41,14 @@ class World:
     models_ft: Path  # fine-tuned checkpoint + frame_test.json + split.json
 
 
-def save_head_only(cache_path: Path, models: Path, *, seed: int = 0) -> Path:
+def save_head_only(cache_path: Path, models: Path, *, seed: int = 0, frames: int = FRAMES) -> Path:
     """A head-only model as tune-head leaves it (a `HeadCheckpoint`), without running a study."""
     cache = FeatureCache.open(cache_path)
     torch.manual_seed(seed)
     head = DetectorHead(cache.provenance.feature_dim, attn_dim=16, hidden=16, dropout=0.3)
-    feats = np.concatenate([cache.features(k, FRAMES, "original")[0] for k in cache.keys if k.startswith("train/")])
+    feats = np.concatenate([cache.features(k, frames, "original")[0] for k in cache.keys if k.startswith("train/")])
     head.set_feature_stats(feats.astype(np.float32).mean(0), feats.astype(np.float32).std(0))
-    return HeadCheckpoint(config=head.config(), state_dict=head.state_dict(), frames=FRAMES,
+    return HeadCheckpoint(config=head.config(), state_dict=head.state_dict(), frames=frames,
                           provenance=cache.provenance.to_dict()).save(models / BEST_HEAD_FILE)
 
 

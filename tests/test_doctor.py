@@ -214,3 +214,17 @@ def test_one_default_backbone_everywhere():
     for command in ("doctor", "features"):
         res = CliRunner().invoke(main, [command, "--help"])
         assert f"[default: {DEFAULT_BACKBONE}]" in " ".join(res.output.split()), command
+
+
+def test_doctor_reports_the_face_detector(monkeypatch, no_network):
+    from arena.faces import detector_info
+
+    rows = {c.name: c for c in run_doctor().checks}
+    info = detector_info("mtcnn")
+    assert rows["face detector"].status == ("ok" if info["available"] else "warn")
+    assert rows["face detector"].detail.startswith(f"mtcnn: facenet-pytorch {info['version'] or ''}")
+    missing = {**info, "version": None, "available": False, "note": "not installed: pip install X"}
+    monkeypatch.setattr("arena.faces.detect.detector_info", lambda name: missing)
+    row = {c.name: c for c in run_doctor().checks}["face detector"]
+    assert row.status == "warn" and not row.essential
+    assert row.detail == "mtcnn: facenet-pytorch not installed: pip install X (needed by --crop faces only)"

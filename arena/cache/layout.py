@@ -12,12 +12,15 @@ Layout of a compacted cache file (``format = "arena-feature-cache"``, ``format_v
     frame_indices      [R]       int64, source frame index of each row (strictly increasing per video)
     valid              [R]       bool, False for a row that the decoder filled with another frame
     features           [R, V, d] float16, rows x variants x feature dim (one contiguous block per video)
+    boxes              [R, 4]    float32, face crops only: the main face track's crop box (x1, y1, x2, y2, source
+                                 pixels) of each row, NaN where the video had no face (whole frame, letterboxed)
 
 Format 1 has the same datasets; only its provenance has other fields (`arena.cache.provenance`), so it is read.
 
 Staged parts: ``<cache>.parts/provenance.json`` (written first) and one ``<sha256(key)[:40]>.npz`` per finished
-video (features [U, V, d], frame_indices, valid and a JSON ``meta`` with the provenance fingerprint). Readers see
-the main file plus the staged parts as one cache; a part is newer than the main file.
+video (features [U, V, d], frame_indices, valid, boxes [U, 4] with face crops, and a JSON ``meta`` with the
+provenance fingerprint). Readers see the main file plus the staged parts as one cache; a part is newer than the
+main file.
 """
 
 from __future__ import annotations
@@ -134,6 +137,7 @@ class Entry:
     valid: np.ndarray
     source: Source
     row_start: int
+    boxes: np.ndarray | None = None  # float32 [U, 4], face crops only
 
     @property
     def row_count(self) -> int:
@@ -148,6 +152,8 @@ class Entry:
             == (other.status, other.label, other.num_source_frames, other.message)
             and np.array_equal(self.frame_indices, other.frame_indices)
             and np.array_equal(self.valid, other.valid)
+            and (self.boxes is None) == (other.boxes is None)
+            and (self.boxes is None or np.array_equal(self.boxes, other.boxes, equal_nan=True))
             and np.array_equal(self.features().view(np.uint16), other.features().view(np.uint16))
         )
 
@@ -185,10 +191,12 @@ def read_main(path: Path) -> tuple[Provenance, str, dict[str, Entry], Any]:
         start, count = fh["row_start"][...], fh["row_count"][...]
         frame_indices, valid = fh["frame_indices"][...], fh["valid"][...]
         feats = fh["features"]
+        boxes = fh["boxes"][...] if "boxes" in fh else None
         n, rows = len(keys), frame_indices.shape[0]
         shapes_ok = (
             all(len(a) == n for a in (status, message, label, nsrc, start, count))
             and valid.shape == (rows,)
+            and (boxes is None or boxes.shape == (rows, 4))
             and feats.shape == (rows, len(prov.variants), prov.feature_dim)
             and feats.dtype == np.float16
             and len(set(keys)) == n
@@ -206,6 +214,7 @@ def read_main(path: Path) -> tuple[Provenance, str, dict[str, Entry], Any]:
                 key=key, status=status[i], label=None if label[i] < 0 else int(label[i]),
                 num_source_frames=int(nsrc[i]), message=message[i], frame_indices=frame_indices[s : s + c],
                 valid=valid[s : s + c], source=source, row_start=s,
+                boxes=None if boxes is None else boxes[s : s + c],
             )
         return prov, _sha256(stored), entries, fh
     except CacheError:
@@ -222,14 +231,15 @@ def read_part(file: Path, cache_path: Path) -> tuple[str, Entry]:
         with np.load(file, allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode())
             fi, valid = z["frame_indices"], z["valid"]
+            boxes = z["boxes"].astype(np.float32) if "boxes" in z.files else None
         entry = Entry(
             key=meta["key"], status=meta["status"], label=meta["label"],
             num_source_frames=int(meta["num_source_frames"]), message=meta["message"],
             frame_indices=fi.astype(np.int64), valid=valid.astype(bool),
-            source=Source(str(file), part=file), row_start=0,
+            source=Source(str(file), part=file), row_start=0, boxes=boxes,
         )
         if (meta.get("format_version") not in READABLE_VERSIONS or entry.status not in STATUSES
-                or valid.shape != fi.shape):
+                or valid.shape != fi.shape or (boxes is not None and boxes.shape != (fi.shape[0], 4))):
             raise ValueError("unexpected contents")
         return meta["provenance_sha256"], entry
     except FileNotFoundError:
@@ -335,6 +345,8 @@ def write_compacted(out: Path, provenance: Provenance, entries: Iterable[Entry])
         put("row_count", counts)
         put("frame_indices", np.concatenate([e.frame_indices for e in items] or [np.zeros(0)]).astype(np.int64))
         put("valid", np.concatenate([e.valid for e in items] or [np.zeros(0)]).astype(bool))
+        if provenance.crop_mode != "none":  # whole-frame caches keep the layout (and bytes) they always had
+            put("boxes", np.concatenate([_boxes(e) for e in items] or [np.zeros((0, 4))]).astype(np.float32))
         feats = fh.create_dataset(
             "features", shape=(rows, len(provenance.variants), provenance.feature_dim), dtype=np.float16,
             track_times=False,
@@ -342,6 +354,13 @@ def write_compacted(out: Path, provenance: Provenance, entries: Iterable[Entry])
         for entry, start in zip(items, starts, strict=True):  # streamed video by video: memory stays bounded
             if entry.row_count:
                 feats[int(start) : int(start) + entry.row_count] = entry.features()
+
+
+def _boxes(entry: Entry) -> np.ndarray:
+    """An entry's crop boxes, NaN rows for an entry that has none (a failed video has no rows at all)."""
+    if entry.boxes is not None:
+        return entry.boxes
+    return np.full((entry.row_count, 4), np.nan, dtype=np.float32)
 
 
 def drop_parts(path: Path) -> None:

@@ -4,6 +4,9 @@ A cache is refused when its provenance differs from what the current code and op
 ``field: stored -> current`` line per differing field. The split, the folds and arena's version string are not
 part of it: features do not depend on them, so one cache serves every split and every fold.
 
+Caches written before face crops existed have no ``crop`` field: they were built from whole frames, so they are
+read as ``{"mode": "none"}`` (`NO_CROP`).
+
 Caches of format version 1 stored two more fields (``split_sha256``, ``arena_version``) and lacked the newer ones
 (``decoder``, ``sampling``, ``feature_format``; their ``interpolation`` was the backbone's nominal value, not the
 one applied). They are read as built with `V1_BUILT_WITH`: the values the code of that release applied, which are
@@ -37,6 +40,10 @@ V1_BUILT_WITH: dict[str, Any] = {
 }
 
 
+#: The crop field of a cache built from whole frames (and of every cache written before the field existed).
+NO_CROP: dict[str, Any] = {"mode": "none"}
+
+
 @dataclass(frozen=True)
 class Provenance:
     """Everything that determines the cached numbers; a cache built with other values is refused.
@@ -59,6 +66,8 @@ class Provenance:
         frame_counts: the k values whose frames were extracted.
         feature_dim: d, the feature size.
         feature_format: `FEATURE_FORMAT` of the code that wrote the features.
+        crop: ``{"mode": "none"}`` (whole frames) or ``{"mode": "faces", ...}`` with every face-crop setting and the
+            detector's package version (`arena.faces.FaceCropConfig.to_dict`).
     """
 
     backbone: str
@@ -75,6 +84,7 @@ class Provenance:
     frame_counts: tuple[int, ...]
     feature_dim: int
     feature_format: int
+    crop: dict = dataclasses.field(default_factory=lambda: dict(NO_CROP))
 
     def __post_init__(self) -> None:
         def norm(name: str, value: Any) -> None:
@@ -103,7 +113,9 @@ class Provenance:
             if operator.index(getattr(self, name)) < 1:
                 raise ValueError(f"Provenance.{name} must be >= 1, got {getattr(self, name)!r}")
             norm(name, operator.index(getattr(self, name)))
-        for name in ("decoder", "tta", "sampling"):
+        if not isinstance(self.crop, dict) or self.crop.get("mode") not in ("none", "faces"):
+            raise ValueError(f"Provenance.crop must be a dict with mode none or faces, got {self.crop!r}")
+        for name in ("decoder", "tta", "sampling", "crop"):
             try:  # a JSON round trip makes tuples lists and keys strings: the stored and the live spec compare equal
                 norm(name, json.loads(json.dumps(dict(getattr(self, name)), sort_keys=True)))
             except (TypeError, ValueError) as exc:
@@ -135,7 +147,13 @@ class Provenance:
             raise ValueError(f"provenance must be a JSON object, got {type(data).__name__}")
         if "feature_format" not in data:  # written by format 1
             data = {k: v for k, v in data.items() if k not in DROPPED_V1_FIELDS} | V1_BUILT_WITH
+        data.setdefault("crop", dict(NO_CROP))  # written before face crops: whole frames
         return cls.from_dict(data)
+
+    @property
+    def crop_mode(self) -> str:
+        """``none`` or ``faces``."""
+        return str(self.crop["mode"])
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON."""

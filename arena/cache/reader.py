@@ -181,6 +181,15 @@ class FeatureCache:
         entry = self._entry(key)
         return entry.features()[pos, vid], mask
 
+    def boxes(self, key: str, k: int) -> np.ndarray | None:
+        """The main face track's crop boxes (float32 [k, 4], x1, y1, x2, y2 in source pixels; NaN where the video had
+        no face) of the k frames at ``uniform_indices(n, k)``; None for a cache built from whole frames."""
+        entry = self._entry(key)
+        if entry.boxes is None:
+            return None
+        pos, _ = self._positions(key, k)
+        return entry.boxes[pos]
+
     def batch(self, keys: Sequence[str], k: int,
               variants: Literal["all"] | str | int | Sequence[str | int] = "all") -> tuple[np.ndarray, np.ndarray]:
         """Features of many videos at once, for vectorised head training.

@@ -138,7 +138,7 @@ class CacheWriter:
 
     def write(self, key: str, *, features: np.ndarray, frame_indices: np.ndarray, num_source_frames: int,
               label: int | None, status: Literal["ok", "partial"] = "ok", message: str = "",
-              valid: np.ndarray | None = None) -> None:
+              valid: np.ndarray | None = None, boxes: np.ndarray | None = None) -> None:
         """Store one finished video; durable when this returns.
 
         Args:
@@ -150,6 +150,8 @@ class CacheWriter:
             status: "ok", or "partial" when fewer distinct frames than asked could be decoded.
             message: why the video is partial.
             valid: bool [U], False for rows the decoder filled with another frame (masked by the reader).
+            boxes: float [U, 4], the main face track's crop box per row; required when the provenance crops faces
+                (NaN rows where the video had no face), refused otherwise.
         """
         self._check_open()
         if status not in ("ok", "partial"):
@@ -174,7 +176,14 @@ class CacheWriter:
         v = np.ones(fi.size, bool) if valid is None else np.asarray(valid, dtype=bool)
         if v.shape != fi.shape:
             raise ValueError(f"{key}: valid must be bool [{fi.size}], got shape {list(v.shape)}")
-        self._stage(key, np.ascontiguousarray(feats.transpose(1, 0, 2)), fi, v, n, label, status, message)
+        faces = self.provenance.crop_mode != "none"
+        if (boxes is not None) != faces:
+            raise ValueError(f"{key}: boxes are {'required' if faces else 'only stored'} with face crops "
+                             f"(this cache's crop mode is {self.provenance.crop_mode})")
+        b = None if boxes is None else np.asarray(boxes, dtype=np.float32)
+        if b is not None and b.shape != (fi.size, 4):
+            raise ValueError(f"{key}: boxes must be float [{fi.size}, 4], got shape {list(b.shape)}")
+        self._stage(key, np.ascontiguousarray(feats.transpose(1, 0, 2)), fi, v, n, label, status, message, b)
 
     def write_failure(self, key: str, *, label: int | None, message: str, num_source_frames: int = 0) -> None:
         """Record a video that could not be processed (reported by ``failures()``, not retried by default)."""
@@ -184,7 +193,7 @@ class CacheWriter:
                     str(message))
 
     def _stage(self, key: str, rows: np.ndarray, fi: np.ndarray, valid: np.ndarray, n: int, label: int | None,
-               status: str, message: str) -> None:
+               status: str, message: str, boxes: np.ndarray | None = None) -> None:
         if not isinstance(key, str) or not key or "\0" in key:
             raise ValueError(f"Invalid key {key!r}: expected a non-empty string")
         if label is not None:
@@ -200,7 +209,8 @@ class CacheWriter:
         meta = {"key": key, "status": status, "label": label, "num_source_frames": n, "message": message,
                 "format_version": FORMAT_VERSION, "provenance_sha256": self._fingerprint}
         buf = io.BytesIO()
-        np.savez(buf, features=rows, frame_indices=fi, valid=valid,
+        arrays = {} if boxes is None else {"boxes": boxes}
+        np.savez(buf, features=rows, frame_indices=fi, valid=valid, **arrays,
                  meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8))
         atomic_write_bytes(self._parts / part_name(key), buf.getvalue())
         self._status[key] = status

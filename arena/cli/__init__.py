@@ -4,7 +4,7 @@ Commands import library modules inside their functions so that `arena --help` st
 seconds to import); library modules themselves import at the top.
 """
 
-from arena.cli import data, features, submit, train, tune  # noqa: F401 - registers the commands
+from arena.cli import data, faces, features, submit, train, tune  # noqa: F401 - registers the commands
 from arena.cli._main import main
 
 __all__ = ["main"]

@@ -76,3 +76,47 @@ def frame_batch_option(f):
 def workers_option(f):
     return click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=2, show_default=True,
                         help="Decoding processes running ahead of the model (0: decode in the main process).")(f)
+
+
+def crop_options(f):
+    """``--crop none|faces`` and the face stage's settings (`arena.faces.FaceCropConfig`), for the commands that
+    decide how frames are cut: ``features`` and ``train-full``. `face_config` turns them into a config."""
+    f = click.option("--max-faces", type=click.IntRange(1, 16), default=1, show_default=True,
+                     help="Face tracks kept per video (--crop faces); the video's probability is the maximum over "
+                          "them at submit time.")(f)
+    f = click.option("--detect-frames", type=click.IntRange(1, MAX_FRAMES), default=16, show_default=True,
+                     help="Frames per video the face detector runs on (uniformly spaced); boxes of the other "
+                          "frames are interpolated along each face track.")(f)
+    f = click.option("--detect-size", type=click.IntRange(32, 4096), default=640, show_default=True,
+                     help="Long side (px) of the downscaled copy the face detector sees; never upscaled.")(f)
+    f = click.option("--face-margin", type=click.FloatRange(1.0, 4.0), default=1.3, show_default=True,
+                     help="Side of the square face crop over the face's larger side (1.3: 30 %% around it).")(f)
+    f = click.option("--face-detector", default="mtcnn", show_default=True,
+                     help="Face detector (--crop faces): mtcnn (facenet-pytorch) or dlib-hog (arena[faces-extra]).")(f)
+    f = click.option("--crop", type=click.Choice(["none", "faces"]), default="none", show_default=True,
+                     help="Whole frames resized to the input (none), or square crops around the main face track "
+                          "(faces: MTCNN on a downscaled copy, tracked, smoothed, cut from the full-resolution "
+                          "frame).")(f)
+    return f
+
+
+def face_config(crop: str, face_detector: str, face_margin: float, detect_size: int, detect_frames: int,
+                max_faces: int):
+    """The `arena.faces.FaceCropConfig` the crop options ask for; None for ``--crop none``."""
+    if crop == "none":
+        return None
+    from arena.faces.stage import FaceCropConfig
+
+    return FaceCropConfig(detector=face_detector, margin=face_margin, detect_size=detect_size,
+                          detect_frames=detect_frames, max_faces=max_faces)
+
+
+def model_crop_options(f):
+    """``--crop`` and ``--max-faces`` for commands that run a trained model (``submit``, ``evaluate``): the face
+    settings come from the model; a ``--crop`` other than the model's is refused."""
+    f = click.option("--max-faces", type=click.IntRange(1, 16), default=None,
+                     help="Face tracks scored per video; the video's probability is the maximum over them "
+                          "(DFDC's rule for videos where one of two faces is swapped). Default: the model's.")(f)
+    f = click.option("--crop", type=click.Choice(["none", "faces"]), default=None,
+                     help="Must match the model's crop mode (default: the model's); a mismatch is refused.")(f)
+    return f

@@ -7,7 +7,9 @@ import click
 from arena.cli._main import main
 from arena.cli._options import (
     backbone_options,
+    crop_options,
     device_option,
+    face_config,
     frame_batch_option,
     parse_frame_counts,
     parse_shard,
@@ -87,6 +89,7 @@ def cache_merge(out: str, shards: tuple[str, ...]) -> None:
 @click.option("--tta/--no-tta", default=True, show_default=True,
               help="Cache all five TTA variants, or only the original.")
 @backbone_options
+@crop_options
 @device_option
 @workers_option
 @frame_batch_option
@@ -95,8 +98,9 @@ def cache_merge(out: str, shards: tuple[str, ...]) -> None:
 @click.option("--amp/--no-amp", default=True, show_default=True,
               help="Autocast as the runtime precision policy allows (auto: bf16/fp16 where the device runs it "
                    "natively, else fp32), or always fp32.")
-def features_cmd(data, cache, models, frames, tta, backbone, pretrained, weights, image_size, seed, device, workers,
-                 frame_batch, limit, shard, amp):
+def features_cmd(data, cache, models, frames, tta, backbone, pretrained, weights, image_size, seed, crop,
+                 face_detector, face_margin, detect_size, detect_frames, max_faces, device, workers, frame_batch,
+                 limit, shard, amp):
     """Decode every video once, run TTA + backbone, and store per-frame features in an HDF5 cache (resumable).
 
     The cache does not depend on the train/validation split: it serves every split and fold unchanged.
@@ -108,6 +112,7 @@ def features_cmd(data, cache, models, frames, tta, backbone, pretrained, weights
         pretrained=pretrained and weights is None, weights=weights, image_size=image_size, seed=seed,
         device=device, workers=workers, frame_batch=frame_batch, limit=limit, shard=shard,
         precision="auto" if amp else "fp32",
+        crop=face_config(crop, face_detector, face_margin, detect_size, detect_frames, max_faces),
     )
     for line in summary.lines():
         click.echo(line)

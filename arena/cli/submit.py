@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from arena.cli._main import main
-from arena.cli._options import device_option, frame_batch_option, workers_option
+from arena.cli._options import device_option, frame_batch_option, model_crop_options, workers_option
 from arena.limits import MAX_FRAMES
 
 _MODEL_KINDS = ["auto", "finetuned", "head-only"]
@@ -17,13 +17,15 @@ def _precision(amp: bool) -> str:
 
 
 def _model_options(f):
-    """--model, --frames, --device, --workers, --frame-batch, --amp: how the full-video path runs."""
+    """--model, --frames, --crop, --max-faces, --device, --workers, --frame-batch, --amp: how the full-video path
+    runs."""
     f = click.option("--amp/--no-amp", default=True, show_default=True,
                      help="Autocast where the hardware runs it natively (bf16/fp16 on CUDA, bf16 on CPUs with "
                           "AVX512-BF16/AMX, else float32); --no-amp: always float32.")(f)
     f = frame_batch_option(f)
     f = workers_option(f)
     f = device_option(f)
+    f = model_crop_options(f)
     f = click.option("--frames", type=click.IntRange(1, MAX_FRAMES), default=None,
                      help="Frames per video [default: frame_test.json's recommendation, else 24].")(f)
     f = click.option("--model", "kind", type=click.Choice(_MODEL_KINDS), default="auto", show_default=True,
@@ -46,9 +48,9 @@ def _model_options(f):
               help="Test videos compared by --verify.")
 @click.option("--verify-all", is_flag=True, help="Compare every test video with --verify.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (torch, verification sample).")
-def submit_cmd(data: str, models: str, out: str, kind: str, frames: int | None, device: str, workers: int,
-               frame_batch: int, amp: bool, tta: bool, verify: str | None, verify_sample: int, verify_all: bool,
-               seed: int) -> None:
+def submit_cmd(data: str, models: str, out: str, kind: str, frames: int | None, crop: str | None,
+               max_faces: int | None, device: str, workers: int, frame_batch: int, amp: bool, tta: bool,
+               verify: str | None, verify_sample: int, verify_all: bool, seed: int) -> None:
     """Predict every test video (decode -> 5 TTA views -> backbone -> head), validate and write the CSV.
 
     Exit status: 0 complete; 3 complete and valid, but some rows are 0.5 because their video could not be
@@ -58,7 +60,8 @@ def submit_cmd(data: str, models: str, out: str, kind: str, frames: int | None, 
 
     result = make_submission(data=data, models=models, out=out, kind=kind, frames=frames, tta=tta, device=device,
                              workers=workers, frame_batch=frame_batch, precision=_precision(amp), verify=verify,
-                             verify_sample=None if verify_all else verify_sample, seed=seed, echo=click.echo)
+                             verify_sample=None if verify_all else verify_sample, seed=seed, echo=click.echo,
+                             crop=crop, max_faces=max_faces)
     failed = [p for p in result.predictions if p.status == "failed"]
     if failed:
         click.echo(f"{len(failed)} row(s) are 0.5 because the video could not be predicted (see "
@@ -82,8 +85,8 @@ def submit_cmd(data: str, models: str, out: str, kind: str, frames: int | None, 
 @_model_options
 @click.option("--seed", type=int, default=0, show_default=True)
 def evaluate_cmd(data: str, models: str, split: str, labels: str | None, out: str | None, attention: tuple[str, ...],
-                 attention_first: int, kind: str, frames: int | None, device: str, workers: int, frame_batch: int,
-                 amp: bool, seed: int) -> None:
+                 attention_first: int, kind: str, frames: int | None, crop: str | None, max_faces: int | None,
+                 device: str, workers: int, frame_batch: int, amp: bool, seed: int) -> None:
     """AUC, log loss, accuracy, F1 and confusion with and without TTA; attention report for chosen videos.
 
     Exit status: 0 complete; 3 written, but some videos could not be predicted (counted as 0.5).
@@ -92,7 +95,7 @@ def evaluate_cmd(data: str, models: str, split: str, labels: str | None, out: st
 
     result = evaluate(data=data, models=models, split=split, labels=labels, out=out, attention=attention,
                       attention_first=attention_first, kind=kind, frames=frames, device=device, workers=workers,
-                      frame_batch=frame_batch, precision=_precision(amp), seed=seed)
+                      frame_batch=frame_batch, precision=_precision(amp), seed=seed, crop=crop, max_faces=max_faces)
     for line in metrics_lines(result):
         click.echo(line)
     if result["failed"]:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 
 from arena.cli._main import main
-from arena.cli._options import backbone_options, device_option, video_batch_option, workers_option
+from arena.cli._options import (
+    backbone_options,
+    crop_options,
+    device_option,
+    face_config,
+    video_batch_option,
+    workers_option,
+)
 from arena.limits import MAX_FRAMES
 
 
@@ -58,10 +65,12 @@ from arena.limits import MAX_FRAMES
 @click.option("--vram-warn", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
               help="Warn and empty the CUDA cache at this fraction of VRAM in use.")
 @click.option("--empty-cache-each-video/--no-empty-cache-each-video", default=False, show_default=True)
+@crop_options
 def train_full_cmd(data, models, backbone, pretrained, weights, image_size, seed, frames, batch_size, accum_steps, lr,
                    head_lr, weight_decay, epochs, lr_patience, es_patience, amp, grad_checkpointing, head_init,
                    head_stats, balanced, device, workers, resume, limit_train, limit_val, min_frames, temp_pause,
-                   temp_resume, vram_warn, empty_cache_each_video):
+                   temp_resume, vram_warn, empty_cache_each_video, crop, face_detector, face_margin, detect_size,
+                   detect_frames, max_faces):
     """Fine-tune backbone + attention head end to end (resumable; DDP under torchrun -m arena train-full).
 
     Under torchrun each process uses GPU LOCAL_RANK (choose the GPUs with CUDA_VISIBLE_DEVICES); --device cuda:N
@@ -81,6 +90,7 @@ def train_full_cmd(data, models, backbone, pretrained, weights, image_size, seed
         head_stats=head_stats, balanced=balanced, workers=workers, seed=seed, device=device, resume=resume,
         limit_train=limit_train, limit_val=limit_val, min_frames=min_frames, temp_pause_c=temp_pause,
         temp_resume_c=temp_resume, vram_warn_frac=vram_warn, empty_cache_each_video=empty_cache_each_video,
+        crop=face_config(crop, face_detector, face_margin, detect_size, detect_frames, max_faces),
     )
     result = train(cfg)  # an ArenaError (data, split, weights, options, resume mismatch) is printed by the group
     if result.main:

@@ -48,8 +48,10 @@ def _tune_threads(threads: int | None) -> None:
 @device_option
 @click.option("--threads", type=click.IntRange(1, 256), default=None,
               help="torch CPU threads (default: torch's choice; use 1 per worker when several workers share cores).")
+@click.option("--crop", type=click.Choice(["none", "faces"]), default=None,
+              help="Check that the cache was built with this crop mode (the head inherits the cache's crops).")
 def tune_head_cmd(cache, data, models, n_trials, timeout, storage, study_name, seed, frames, epochs, patience,
-                  batch_size, device, threads):
+                  batch_size, device, threads, crop):
     """Optuna search over the attention head on cached features; objective: validation log loss."""
     from arena.models_folder import BEST_HEAD_FILE, BEST_PARAMS_FILE, STUDY_SUMMARY_FILE
     from arena.study import tune_head
@@ -57,7 +59,8 @@ def tune_head_cmd(cache, data, models, n_trials, timeout, storage, study_name, s
     _tune_threads(threads)
     try:
         s = tune_head(cache, data, models, n_trials=n_trials, timeout=timeout, storage=storage, study_name=study_name,
-                      seed=seed, frames=frames, epochs=epochs, patience=patience, batch_size=batch_size, device=device)
+                      seed=seed, frames=frames, epochs=epochs, patience=patience, batch_size=batch_size, device=device,
+                      crop=crop)
     except KeyboardInterrupt:
         click.echo("interrupted: finished trials are kept in the study and the interrupted one is queued again; "
                    "run the same command to continue.", err=True)
