@@ -1,8 +1,8 @@
 """Reading the data folder's CSV lists (``train_labels.csv``, ``test_public.csv``) and their label spellings.
 
-Column names vary between datasets, so the file-name and label columns are found by name (case-insensitive, see
-`FILENAME_COLUMNS` / `LABEL_COLUMNS`); the delimiter is sniffed, Excel's BOM is ignored, and a row whose name is
-not valid UTF-8 is skipped on its own instead of failing the file.
+Column names vary between datasets, so the file-name, label and optional group columns are found by name
+(case-insensitive, see `FILENAME_COLUMNS` / `LABEL_COLUMNS` / `GROUP_COLUMNS`); the delimiter is sniffed, Excel's
+BOM is ignored, and a row whose name is not valid UTF-8 is skipped on its own instead of failing the file.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ from arena.errors import DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FILENAME_COLUMNS", "LABEL_COLUMNS", "CsvListing", "is_utf8", "parse_label", "read_csv_rows",
-           "read_listing"]
+__all__ = ["FILENAME_COLUMNS", "GROUP_COLUMNS", "LABEL_COLUMNS", "CsvListing", "is_utf8", "parse_label",
+           "read_csv_rows", "read_listing"]
 
 FILENAME_COLUMNS = ("filename", "file", "video", "name", "path")
 LABEL_COLUMNS = ("label", "target", "class", "is_fake")
+#: Which videos share a source (`arena.groups`): ``original``/``source`` name the video a fake was made from (as
+#: DFDC's metadata does), ``group`` is any id; the first of these present is used.
+GROUP_COLUMNS = ("original", "source", "group")
 _LABEL_WORDS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "real": 0, "fake": 1}
 
 Row = tuple[int, str, "str | None"]  # (line number, file name, raw label or None)
@@ -61,12 +64,16 @@ class CsvListing:
         problem: ``(kind, message)`` when the file cannot be used at all (then ``rows`` is empty), else None.
         skipped: ``(kind, message)`` per row skipped on its own (a name that is not valid UTF-8).
         note: which columns were used, when they were found.
+        group_column: which of `GROUP_COLUMNS` the file has (lower case), or None.
+        groups: that column's non-empty cells (stripped) by line number.
     """
 
     rows: list[Row] = field(default_factory=list)
     problem: tuple[str, str] | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
     note: str = ""
+    group_column: str | None = None
+    groups: dict[int, str] = field(default_factory=dict)
 
 
 def read_listing(path: Path, *, need_label: bool) -> CsvListing:
@@ -90,6 +97,7 @@ def read_listing(path: Path, *, need_label: bool) -> CsvListing:
     lowered = [h.strip().lower() for h in header]
     fcol = next((lowered.index(c) for c in FILENAME_COLUMNS if c in lowered), None)
     lcol = next((lowered.index(c) for c in LABEL_COLUMNS if c in lowered), None)
+    gcol = next((lowered.index(c) for c in GROUP_COLUMNS if c in lowered), None)
     problems = []
     if fcol is None:
         problems.append(f"no file-name column (accepted: {', '.join(FILENAME_COLUMNS)})")
@@ -99,7 +107,9 @@ def read_listing(path: Path, *, need_label: bool) -> CsvListing:
         return CsvListing(problem=("wrong-columns", f"{path.name}: {' and '.join(problems)}, case-insensitive; "
                                    f"columns found: {', '.join(repr(h) for h in header) or 'none'}"))
     out = CsvListing(note=f"{path.name}: file names from column {header[fcol]!r}"
-                     + (f", labels from column {header[lcol]!r}" if need_label else ""))
+                     + (f", labels from column {header[lcol]!r}" if need_label else "")
+                     + (f", groups from column {header[gcol]!r}" if gcol is not None else ""),
+                     group_column=None if gcol is None else lowered[gcol])
     for line_no, row in enumerate(reader, start=2):
         if not any(cell.strip() for cell in row):
             continue
@@ -111,6 +121,9 @@ def read_listing(path: Path, *, need_label: bool) -> CsvListing:
                                 "UTF-8; row skipped (save the CSV as UTF-8)"))
             continue
         out.rows.append((line_no, fname, label))
+        group = row[gcol].strip() if (gcol is not None and gcol < len(row)) else ""
+        if group:
+            out.groups[line_no] = group
     if not out.rows:
         out.problem = ("empty-csv", f"{path.name}: header only, no rows{hint}")
     return out

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from arena.csvfile import is_utf8, parse_label, read_listing
+from arena.csvfile import CsvListing, is_utf8, parse_label, read_listing
 from arena.errors import DataError
 
 __all__ = [
@@ -55,12 +55,16 @@ class VideoItem:
         path: resolved absolute path (checked to lie inside the data folder).
         label: 0 real, 1 fake, None for test videos.
         split: "train" / "val" once assigned by a :class:`Split`, "test" for test videos, else None.
+        group: what ``train_labels.csv``'s group column (``original``, ``source`` or ``group``, see
+            `arena.csvfile.GROUP_COLUMNS`) says for this video, as written; None without that column or with an
+            empty cell. `arena.groups` turns it into the group of videos that share a source.
     """
 
     key: str
     path: Path
     label: int | None
     split: Literal["train", "val", "test"] | None = None
+    group: str | None = None
 
     def __post_init__(self) -> None:
         if not self.key or self.key.startswith("/") or ".." in PurePosixPath(self.key).parts:
@@ -157,6 +161,8 @@ class Dataset:
     """The usable videos of a data folder (skipped ones are only in the report).
 
     ``test_listing`` keeps ``test_public.csv``'s order and its unusable names; ``test`` is sorted by key.
+    ``group_column`` is which of ``original``/``source``/``group`` ``train_labels.csv`` has (lower case), or None;
+    ``listed_names`` maps each train key to its name as written in ``train_labels.csv`` (empty without the CSV).
     """
 
     root: Path
@@ -164,6 +170,8 @@ class Dataset:
     test: list[VideoItem]
     report: LayoutReport
     test_listing: list[ListedVideo] = field(default_factory=list)
+    group_column: str | None = None
+    listed_names: dict[str, str] = field(default_factory=dict)
 
     def by_key(self) -> dict[str, VideoItem]:
         """Every train and test item by key (build it once when looking many keys up)."""
@@ -313,9 +321,8 @@ class _Scanner:
         return found[0]
 
 
-def _read_csv(path: Path, report: LayoutReport, *, need_label: bool, level: str
-              ) -> tuple[list[tuple[int, str, str | None]], bool]:
-    """Rows (line number, file name, raw label) of a CSV, and whether the file could be used at all."""
+def _read_csv(path: Path, report: LayoutReport, *, need_label: bool, level: str) -> CsvListing | None:
+    """The rows of a CSV (`CsvListing`), or None when the file cannot be used at all (reported)."""
     listing = read_listing(path, need_label=need_label)
     if listing.note:
         report.notes.append(listing.note)
@@ -323,8 +330,8 @@ def _read_csv(path: Path, report: LayoutReport, *, need_label: bool, level: str
         report.warn(kind, message)
     if listing.problem is not None:
         (report.error if level == "error" else report.warn)(*listing.problem)
-        return [], False
-    return listing.rows, True
+        return None
+    return listing
 
 
 # ------------------------------------------------------------------------------------------------- scan
@@ -348,7 +355,7 @@ def scan_dataset(root: str | os.PathLike, *, require_test: bool = True) -> Datas
         report.counts = {"train_real": 0, "train_fake": 0, "test": 0, "skipped": 0}
         return Dataset(root=root, train=[], test=[], report=report)
     scanner = _Scanner(root, report)
-    train = _scan_train(root, scanner, report)
+    train, group_column, listed_names = _scan_train(root, scanner, report)
     test, listing = _scan_test(root, scanner, report, require_test=require_test)
 
     train_names = {PurePosixPath(i.key).name for i in train}
@@ -366,7 +373,8 @@ def scan_dataset(root: str | os.PathLike, *, require_test: bool = True) -> Datas
                      "training needs both")
     skipped = len([i for i in report.issues if i.kind in _SKIP_KINDS])
     report.counts = {"train_real": n_real, "train_fake": n_fake, "test": len(test), "skipped": skipped}
-    return Dataset(root=root, train=train, test=test, report=report, test_listing=listing)
+    return Dataset(root=root, train=train, test=test, report=report, test_listing=listing, group_column=group_column,
+                   listed_names=listed_names)
 
 
 # Warning kinds that each stand for one skipped video (or CSV row); "duplicate-row" keeps the video.
@@ -374,7 +382,9 @@ _SKIP_KINDS = {"non-utf8-name", "broken-link", "not-a-file", "zero-bytes", "miss
                "unknown-label", "ambiguous", "empty-name"}
 
 
-def _scan_train(root: Path, scanner: _Scanner, report: LayoutReport) -> list[VideoItem]:
+def _scan_train(root: Path, scanner: _Scanner, report: LayoutReport
+                ) -> tuple[list[VideoItem], str | None, dict[str, str]]:
+    """The labelled train videos, the CSV's group column (or None) and each video's name as the CSV writes it."""
     csv_path = root / TRAIN_CSV
     if (root / "train").is_dir():
         subfolders = scanner.train_subfolders()
@@ -383,21 +393,24 @@ def _scan_train(root: Path, scanner: _Scanner, report: LayoutReport) -> list[Vid
     else:
         subfolders = []
         report.error("no-train-folder", f"{root / 'train'}: missing (expected train/real and train/fake)")
-        return []
+        return [], None, {}
     on_disk = scanner.train_files
     if not csv_path.exists():
         report.warn("missing-csv", f"{TRAIN_CSV}: missing; labels taken from the train/real and train/fake folders")
         unlabelled = sorted(k for k, lab in on_disk.items() if lab is None)
         for key in unlabelled:
             report.warn("unlisted", f"{key}: not in a real/ or fake/ folder and no {TRAIN_CSV}; skipped")
-        return [VideoItem(k, (root / k).resolve(), lab) for k, lab in sorted(on_disk.items()) if lab is not None]
+        return [VideoItem(k, (root / k).resolve(), lab) for k, lab in sorted(on_disk.items())
+                if lab is not None], None, {}
 
-    rows, usable = _read_csv(csv_path, report, need_label=True, level="error")
-    if not usable:
-        return []
+    listing = _read_csv(csv_path, report, need_label=True, level="error")
+    if listing is None:
+        return [], None, {}
+    rows = listing.rows
     search = [rel for rel, _ in subfolders]
     labels: dict[str, int] = {}
     first_row: dict[str, int] = {}
+    names: dict[str, str] = {}
     conflicted: set[str] = set()
     for line_no, fname, raw_label in rows:
         where = f"{TRAIN_CSV} row {line_no}"
@@ -429,6 +442,7 @@ def _scan_train(root: Path, scanner: _Scanner, report: LayoutReport) -> list[Vid
             continue
         labels[key] = label
         first_row[key] = line_no
+        names[key] = fname.strip()
     items = []
     for key, label in sorted(labels.items()):
         folder_label = on_disk[key]
@@ -436,10 +450,10 @@ def _scan_train(root: Path, scanner: _Scanner, report: LayoutReport) -> list[Vid
             report.warn("label-folder-mismatch", f"{key}: {TRAIN_CSV} row {first_row[key]} says "
                         f"{'fake' if label else 'real'} but the file lies in the "
                         f"{'fake' if folder_label else 'real'} folder; the CSV label is used")
-        items.append(VideoItem(key, (root / key).resolve(), label))
+        items.append(VideoItem(key, (root / key).resolve(), label, group=listing.groups.get(first_row[key])))
     for key in sorted(set(on_disk) - set(labels) - conflicted):
         report.warn("unlisted", f"{key}: present but not listed in {TRAIN_CSV}; skipped")
-    return items
+    return items, listing.group_column, {k: names[k] for k in labels}
 
 
 def _scan_test(root: Path, scanner: _Scanner, report: LayoutReport, *, require_test: bool
@@ -460,9 +474,10 @@ def _scan_test(root: Path, scanner: _Scanner, report: LayoutReport, *, require_t
         keys = sorted(scanner.test_files)
         listing = [ListedVideo(0, PurePosixPath(k).name, k) for k in keys]
         return [VideoItem(k, (root / k).resolve(), None, "test") for k in keys], listing
-    rows, usable = _read_csv(csv_path, report, need_label=False, level=level)
-    if not usable:
+    csv_listing = _read_csv(csv_path, report, need_label=False, level=level)
+    if csv_listing is None:
         return [], []
+    rows = csv_listing.rows
     keys: dict[str, int] = {}
     listing: list[ListedVideo] = []
     names: set[str] = set()

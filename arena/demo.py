@@ -184,6 +184,7 @@ class _Job:
     fps: float
     crf: int
     gop: int
+    original: str = ""  # the real whose scene a paired fake was rendered from (its file name), else ""
 
 
 def _clip_rng(seed: int, group: int, index: int) -> np.random.Generator:
@@ -202,17 +203,20 @@ def plan_dataset(config: DemoConfig) -> list[_Job]:
     for i in range(config.n_train_fake):
         paired = config.paired and i < config.n_train_real
         p = draw_clip_params(_clip_rng(config.seed, 0 if paired else 1, i), **common)
-        jobs.append(_Job(f"train/fake/fake_{i + 1:04d}.mp4", 1, p, config.fps, config.crf, gop))
+        jobs.append(_Job(f"train/fake/fake_{i + 1:04d}.mp4", 1, p, config.fps, config.crf, gop,
+                         original=f"train/real/real_{i + 1:04d}.mp4" if paired else ""))
     n_fake = config.n_test // 2
     labels = np.array([0] * (config.n_test - n_fake) + [1] * n_fake)
     labels = _clip_rng(config.seed, 3, 0).permutation(labels)  # names carry no label
     seen = {0: 0, 1: 0}
+    reals = [f"test/test_{i + 1:04d}.mp4" for i, label in enumerate(labels) if label == 0]
     for i, label in enumerate(labels):
         # paired: the j-th fake reuses the scene of the j-th real; otherwise every video has a scene of its own
         scene = seen[int(label)] if config.paired else i
         seen[int(label)] += 1
         p = draw_clip_params(_clip_rng(config.seed, 2, scene), **common)
-        jobs.append(_Job(f"test/test_{i + 1:04d}.mp4", int(label), p, config.fps, config.crf, gop))
+        original = reals[scene] if config.paired and label == 1 and scene < len(reals) else ""
+        jobs.append(_Job(f"test/test_{i + 1:04d}.mp4", int(label), p, config.fps, config.crf, gop, original))
     return jobs
 
 
@@ -256,9 +260,10 @@ def generate_dataset(
 
     Layout written into ``out`` (every filename in the CSVs is the POSIX path relative to ``out``)::
 
-        train_labels.csv   filename,label   (train/real/real_0001.mp4,0 / train/fake/fake_0001.mp4,1; 1 = fake)
+        train_labels.csv   filename,label,original   (train/real/real_0001.mp4,0, / train/fake/fake_0001.mp4,1,
+                           train/real/real_0001.mp4; 1 = fake; original: the real a paired fake was made from)
         test_public.csv    filename         (test/test_0001.mp4 ...; names and order do not reveal the label)
-        test_labels.csv    filename,label   (the test answers: for scoring only)
+        test_labels.csv    filename,label,original   (the test answers and sources: for scoring only)
         demo_manifest.json the config and every clip's parameters (provenance)
         train/real/*.mp4, train/fake/*.mp4, test/*.mp4
 
@@ -309,9 +314,13 @@ def generate_dataset(
 
     train = [j for j in jobs if j.relpath.startswith("train/")]
     test = [j for j in jobs if j.relpath.startswith("test/")]
-    _write_csv(out / "train_labels.csv", ["filename", "label"], [(j.relpath, j.label) for j in train])
+    # `original` names each paired fake's source (empty for reals and unpaired fakes): `arena split` keeps the
+    # two on one side, and near-duplicate detection (`arena.groups`) can be scored against it.
+    _write_csv(out / "train_labels.csv", ["filename", "label", "original"],
+               [(j.relpath, j.label, j.original) for j in train])
     _write_csv(out / "test_public.csv", ["filename"], [(j.relpath,) for j in test])
-    _write_csv(out / "test_labels.csv", ["filename", "label"], [(j.relpath, j.label) for j in test])
+    _write_csv(out / "test_labels.csv", ["filename", "label", "original"],
+               [(j.relpath, j.label, j.original) for j in test])
     manifest = {
         "generator": "arena.demo.generate_dataset",
         "config": asdict(config),

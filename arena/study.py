@@ -33,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from arena._files import atomic_write_text
+from arena.cache import FeatureCache
 from arena.errors import ModelsError, OptionError, StudyError
 from arena.faces.modes import describe as describe_crop
 from arena.head_data import HeadDataStore, open_head_data
@@ -323,11 +324,14 @@ def tune_head(cache_path: str | os.PathLike, data_root: str | os.PathLike, model
     """
     models = _models_folder(models_dir)
     url = storage or f"sqlite:///{(models / OPTUNA_DB).resolve()}"
+    if crop is not None:  # before a split is made or a study opened: a wrong cache fails at once
+        with FeatureCache.open(cache_path) as cache:
+            cache_crop = cache.provenance.crop
+        if crop != cache_crop["mode"]:
+            raise OptionError(f"--crop {crop}: the cache {cache_path} was built with crop "
+                              f"{describe_crop(cache_crop)}; build a cache with `arena features --crop {crop}` first.")
     store, split = open_head_data(cache_path, data_root, models, device=device)
     cache_crop = store.provenance.get("crop") or {"mode": "none"}
-    if crop is not None and crop != cache_crop["mode"]:
-        raise OptionError(f"--crop {crop}: the cache {cache_path} was built with crop {describe_crop(cache_crop)}; "
-                          f"build a cache with `arena features --crop {crop}` first.")
     study_name = study_name or default_study_name(split.sha256)
     frame_choices = store.check_frames(frames) if frames else store.frame_counts
     config = HeadTrainConfig(max_epochs=epochs, patience=patience, batch_size=batch_size, seed=seed)

@@ -323,3 +323,26 @@ def test_read_csv_rows(tmp_path):
     f.write_text("x,y\n1,2\n")
     with pytest.raises(DataError, match="labels.csv: cannot be used: .*columns found: 'x', 'y'"):
         read_csv_rows(f)
+
+
+# ------------------------------------------------------------------------------------------ group column
+
+
+@pytest.mark.parametrize("gcol", ["original", "Source", " GROUP "])
+def test_group_column_is_read_per_video(tmp_path, gcol):
+    """The optional group column (any case) lands on each VideoItem as written; an empty cell gives None."""
+    csv = f"filename,label,{gcol}\nr000.mp4,0,\nf000.mp4,1, r000.mp4 \nf001.mp4,1\n"
+    ds = load_dataset(make_layout(tmp_path, 1, 2, csv=csv))
+    assert ds.group_column == gcol.strip().lower()
+    assert {i.key: i.group for i in ds.train} == {"train/real/r000.mp4": None, "train/fake/f000.mp4": "r000.mp4",
+                                                   "train/fake/f001.mp4": None}
+    assert ds.listed_names == {"train/real/r000.mp4": "r000.mp4", "train/fake/f000.mp4": "f000.mp4",
+                               "train/fake/f001.mp4": "f001.mp4"}
+    assert any(f"groups from column {gcol!r}" in n for n in ds.report.notes)
+
+
+def test_no_group_column_and_no_csv(tmp_path):
+    ds = load_dataset(make_layout(tmp_path / "a", 1, 1))
+    assert ds.group_column is None and {i.group for i in ds.train} == {None}
+    ds = load_dataset(make_layout(tmp_path / "b", 1, 1, csv=None))
+    assert ds.group_column is None and ds.listed_names == {}

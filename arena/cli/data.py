@@ -134,27 +134,69 @@ def doctor(data: str | None, backbone: str, weights: str | None, expect: tuple[i
 @click.option("--data", type=click.Path(path_type=str), required=True, help="Data folder (seed layout).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=str), required=True,
               help="Folder of split.json (created; the file is reused by every later stage).")
-@click.option("--seed", type=int, default=42, show_default=True, help="random_state of the stratified split.")
+@click.option("--seed", type=int, default=42, show_default=True, help="random_state of the split.")
 @click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.3,
-              show_default=True, help="Share of the videos held out for validation (stratified by label).")
+              show_default=True, help="Share of the videos held out for validation (--folds 1 only).")
+@click.option("--groups", "groups_mode", type=click.Choice(["auto", "column", "none"]), default="auto",
+              show_default=True,
+              help="Keep videos that share a source on one side. column: from train_labels.csv's original/source/"
+                   "group column or a DFDC-style metadata.json; auto: those when present, else detected "
+                   "near-duplicate videos; none: no groups.")
+@click.option("--folds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="1: one stratified holdout; K > 1: K stratified grouped folds (stages use fold 0).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (pairs, folds with counts per class).")
 @click.option("--new-split", is_flag=True, help="Replace an existing split.json (e.g. after the dataset changed).")
-def split(data: str, out: str, seed: int, val_fraction: float, new_split: bool) -> None:
-    """Write (or check and reuse) the stratified train/validation split and print its counts."""
+@click.pass_context
+def split(ctx: click.Context, data: str, out: str, seed: int, val_fraction: float, groups_mode: str, folds: int,
+          as_json: bool, new_split: bool) -> None:
+    """Write (or check and reuse) the stratified, grouped train/validation split; print its groups and counts."""
+    import json
     from pathlib import Path
 
     from arena.data import load_dataset
-    from arena.split import AFTER_NEW_SPLIT, SPLIT_FILE, make_split
+    from arena.groups import find_groups
+    from arena.split import AFTER_NEW_SPLIT, SPLIT_FILE, make_split, stored_parts
 
+    if folds > 1 and ctx.get_parameter_source("val_fraction") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--val-fraction applies to --folds 1 only: each of K folds validates on 1/K.")
     dataset = load_dataset(data, require_test=False)
-    old = Path(out) / SPLIT_FILE
-    old_bytes = old.read_bytes() if new_split and old.is_file() else None
-    result = make_split(dataset, out, val_fraction=val_fraction, seed=seed, new=new_split)
     if dataset.report.warnings:
         click.echo(str(dataset.report), err=True)
-    c = result.counts()
-    click.echo(f"split: train {len(result.train)} ({c['train_real']} real / {c['train_fake']} fake), "
-               f"val {len(result.val)} ({c['val_real']} real / {c['val_fake']} fake), seed {result.seed}, "
-               f"val_fraction {result.val_fraction:g} -> {result.path} (sha256 {result.sha256[:16]})")
+    found = find_groups(dataset, groups_mode)
+    old = Path(out) / SPLIT_FILE
+    previous = stored_parts(out)
+    leaked = None if previous is None else len(found.across(previous))
+    say = (lambda text: click.echo(text, err=True)) if as_json else click.echo
+    say(found.summary())
+    if leaked is not None:
+        say(f"the existing {old} puts {leaked} of these {len(found.pairs)} pair(s) on both sides (train and "
+            "validation, or two folds)")
+    old_bytes = old.read_bytes() if new_split and old.is_file() else None
+    result = make_split(dataset, out, val_fraction=val_fraction, seed=seed, folds=folds, groups=found,
+                        new=new_split)
+    per_fold = result.fold_counts()
+    if as_json:
+        name = dataset.listed_names.get
+        click.echo(json.dumps({
+            "path": str(result.path), "sha256": result.sha256, "seed": result.seed,
+            "val_fraction": result.val_fraction, "groups": result.groups, "group_source": found.source,
+            "pairs": [[name(p.a, p.a), name(p.b, p.b)] for p in found.pairs],
+            "pair_details": [{"a": name(p.a, p.a), "b": name(p.b, p.b), "from": p.origin,
+                              "similarity": p.similarity} for p in found.pairs],
+            "undecodable": [name(k, k) for k in found.undecodable],
+            "previous_pairs_across": leaked,
+            "folds": [{"fold": i, "train": {"real": c["train_real"], "fake": c["train_fake"]},
+                       "val": {"real": c["val_real"], "fake": c["val_fake"]}} for i, c in enumerate(per_fold)],
+        }, indent=1))
+        return
+    parts = [f"train {c['train_real'] + c['train_fake']} ({c['train_real']} real / {c['train_fake']} fake), "
+             f"val {c['val_real'] + c['val_fake']} ({c['val_real']} real / {c['val_fake']} fake)" for c in per_fold]
+    where = f"groups {result.groups} -> {result.path} (sha256 {result.sha256[:16]})"
+    if result.folds == 1:
+        click.echo(f"split: {parts[0]}, seed {result.seed}, val_fraction {result.val_fraction:g}, {where}")
+    else:
+        click.echo("\n".join(f"fold {i}: {text}" for i, text in enumerate(parts)))
+        click.echo(f"split: {result.folds} folds, seed {result.seed}, {where}")
     if old_bytes is not None:
         same = old_bytes == result.path.read_bytes()
         click.echo("the new split equals the old one; nothing to rerun" if same
