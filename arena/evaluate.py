@@ -1,8 +1,10 @@
 """`arena evaluate`: video-level metrics with and without TTA on the validation split or a labelled test folder.
 
 One pass of the full-video path (`arena.predict`) gives every TTA variant's P(fake), so the metrics with TTA
-(mean over the variants) and without (``original`` alone) come from the same decoded frames. The result, and an
-optional attention report (`arena.attention`), go to ``evaluation.json``.
+(mean over the variants) and without (``original`` alone) come from the same decoded frames. The same pass keeps
+P(fake) at temperature 1 beside the calibrated one, so log loss, Brier score and calibration error are reported
+before and after calibration (`arena.calibration`) with a reliability diagram (``reliability.png`` beside the
+JSON). The result, and an optional attention report (`arena.attention`), go to ``evaluation.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from arena._files import atomic_write_text
 from arena.attention import attention_report
+from arena.calibration import calibration_metrics, reliability_diagram
 from arena.csvfile import parse_label, read_csv_rows
 from arena.data import VIDEO_EXTENSIONS, Dataset, VideoItem, load_dataset
 from arena.errors import DataError, OptionError
@@ -30,7 +33,7 @@ from arena.split import load_split
 
 log = logging.getLogger(__name__)
 
-
+RELIABILITY_FILE = "reliability.png"
 
 def _name_to_key(name: str, known: set[str]) -> str | None:
     """The data layer's resolution of a CSV name to a key under ``test/`` (bare or relative, extension optional)."""
@@ -87,6 +90,15 @@ def evaluation_metrics(predictions: Sequence[VideoPrediction]) -> dict[str, Any]
     return out
 
 
+def calibration_report(predictions: Sequence[VideoPrediction], temperature: float) -> dict[str, Any]:
+    """Log loss, Brier score and ECE of the TTA P(fake) before (T = 1) and after calibration (``temperature``)."""
+    y = np.array([p.label for p in predictions], dtype=np.int64)
+    before = np.array([p.p_uncalibrated for p in predictions])
+    after = np.array([p.p_fake for p in predictions])
+    return {"temperature": temperature, "before": calibration_metrics(y, before),
+            "after": calibration_metrics(y, after)}
+
+
 def evaluate(
     *,
     data: str | Path,
@@ -106,6 +118,7 @@ def evaluate(
     progress: bool = True,
     crop: str | None = None,
     max_faces: int | None = None,
+    calibration: bool = True,
 ) -> dict[str, Any]:
     """Metrics with and without TTA on the validation split or a labelled folder; writes ``evaluation.json``.
 
@@ -120,6 +133,7 @@ def evaluate(
         device, workers, frame_batch, precision: how the full-video path runs (`arena.predict.predict_items`).
         seed: seeds torch.
         crop, max_faces: the crop mode check and the face tracks scored per video (`arena.predict.load_model`).
+        calibration: apply the model's temperature (False: T = 1; "before" and "after" are then equal).
 
     Raises:
         OptionError: neither a split nor labels, or ``attention`` keys that are not evaluated.
@@ -139,7 +153,8 @@ def evaluate(
     if unknown:
         raise OptionError(f"--attention keys not among the evaluated videos: {unknown[:5]} "
                           f"(e.g. {items[0].key!r}).")
-    model = load_model(models, kind=kind, frames=frames, tta=True, device=dev, crop=crop, max_faces=max_faces)
+    model = load_model(models, kind=kind, frames=frames, tta=True, device=dev, crop=crop, max_faces=max_faces,
+                       calibration=calibration)
     run = predict_items(items, model, device=dev, workers=workers, frame_batch=frame_batch, precision=precision,
                         progress=progress, desc="evaluate")
     preds = run.predictions
@@ -149,13 +164,18 @@ def evaluate(
         "failed": {p.key: p.error for p in preds if p.status == "failed"},
         "fallbacks": dict(run.fallbacks), "seconds": round(run.seconds, 3),
         "metrics": evaluation_metrics(preds),
+        "calibration": calibration_report(preds, model.temperature),
         "videos": [{"key": p.key, "label": p.label, "p_fake": round(p.p_fake, 6),
+                    "p_uncalibrated": round(p.p_uncalibrated, 6),
                     "p_original": round(p.variant_p.get("original", p.p_fake), 6), "status": p.status,
                     **({} if p.faces_found is None else {"faces_found": p.faces_found,
                                                           "p_tracks": [round(x, 6) for x in p.track_p]})}
                    for p in preds],
     }
     out = Path(out) if out is not None else Path(models) / EVALUATION_FILE
+    result["calibration"]["png"] = str(reliability_diagram(
+        [p.label for p in preds], [p.p_uncalibrated for p in preds], [p.p_fake for p in preds],
+        out.parent / RELIABILITY_FILE, title=f"reliability: {len(preds)} videos, T = {model.temperature:.3f}"))
     chosen = list(dict.fromkeys([*attention, *[p.key for p in preds[: max(0, attention_first)]]]))
     if chosen:
         by_key = {p.key: p for p in preds}
@@ -180,6 +200,12 @@ def metrics_lines(result: dict[str, Any]) -> list[str]:
                      f"{c['tn']} {c['fp']} {c['fn']} {c['tp']}")
     g = result["metrics"]["tta_minus_no_tta"]
     lines.append(f"TTA gain: AUC {fmt(g['auc'])}, log loss {fmt(g['log_loss'])} (negative is better)")
+    cal = result.get("calibration")
+    if cal:
+        b, a = cal["before"], cal["after"]
+        lines.append(f"calibration (T = {cal['temperature']:.3f}): log loss {b['log_loss']:.4f} -> "
+                     f"{a['log_loss']:.4f}, Brier {b['brier']:.4f} -> {a['brier']:.4f}, "
+                     f"ECE {b['ece']:.4f} -> {a['ece']:.4f}")
     for entry in result.get("attention", []):
         lines.append(f"attention {entry['key']}: {entry.get('png', entry.get('error', ''))}")
     lines.append(f"wrote {result['path']}")

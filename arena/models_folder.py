@@ -136,6 +136,8 @@ class HeadCheckpoint:
         params: the tuned hyper-parameters (lr, weight decay, ...).
         metrics: validation metrics of the chosen trial.
         provenance: the provenance of the cache whose features it was trained on (a dict): the encoder it needs.
+        calibration: the temperature fitted on validation predictions (`arena.calibration.fit_calibration`); empty
+            in checkpoints written before calibration, which then predict with T = 1.
     """
 
     config: dict[str, Any]
@@ -144,6 +146,7 @@ class HeadCheckpoint:
     params: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     RERUN = "`arena tune-head`"
 
@@ -154,9 +157,11 @@ class HeadCheckpoint:
         return head.eval()
 
     def save(self, path: str | os.PathLike) -> Path:
+        calibration = {"calibration": json.loads(json.dumps(self.calibration))} if self.calibration else {}
         return save_torch({"format": HEAD_FORMAT, "config": dict(self.config), "state_dict": self.state_dict,
                            "frames": int(self.frames), "params": json.loads(json.dumps(self.params)),
-                           "metrics": json.loads(json.dumps(self.metrics)), "provenance": self.provenance}, path)
+                           "metrics": json.loads(json.dumps(self.metrics)), "provenance": self.provenance,
+                           **calibration}, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HeadCheckpoint:
@@ -172,7 +177,8 @@ class HeadCheckpoint:
                               f"rerun {cls.RERUN}.")
         out = cls(config=dict(_need(ckpt, "config", path, cls.RERUN)),
                   state_dict=_need(ckpt, "state_dict", path, cls.RERUN), frames=int(ckpt.get("frames", 0)),
-                  params=dict(ckpt.get("params", {})), metrics=dict(ckpt.get("metrics", {})), provenance=prov)
+                  params=dict(ckpt.get("params", {})), metrics=dict(ckpt.get("metrics", {})), provenance=prov,
+                  calibration=dict(ckpt.get("calibration") or {}))
         try:
             out.build()
         except (TypeError, ValueError, RuntimeError) as exc:
@@ -187,7 +193,8 @@ class DetectorCheckpoint:
 
     Keys: ``epoch, model_state_dict, optimizer_state_dict, val_acc, val_f1, val_auc, history, config``. ``config``
     is train-full's resolved configuration; rebuilding needs its ``backbone``, ``image_size``, ``seed`` and
-    ``head`` (``DetectorHead`` arguments).
+    ``head`` (``DetectorHead`` arguments). ``config["calibration"]``, when present, is the temperature fitted on the
+    best epoch's validation predictions (`arena.calibration.fit_calibration`); without it the model uses T = 1.
     """
 
     epoch: int

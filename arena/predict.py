@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from arena.cache.provenance import NO_CROP
+from arena.calibration import temperature_of
 from arena.clips import ClipDataset, ClipViews, encode_views, iter_clips
 from arena.errors import ArenaError, ModelsError, OptionError, PredictError, WeightsUnavailable
 from arena.faces import modes as crop_modes
@@ -67,6 +68,7 @@ class LoadedModel:
         crop: how frames are cut for this model (``{"mode": "none"}`` or the face-crop settings it was trained with,
             `arena.faces.modes`).
         max_faces: face tracks scored per video (face crops); the video's P(fake) is the maximum over them.
+        temperature: the logits are divided by it before the softmax (`arena.calibration`); 1: uncalibrated.
     """
 
     kind: Literal["finetuned", "head-only"]
@@ -81,8 +83,11 @@ class LoadedModel:
     info: dict = field(default_factory=dict)
     crop: dict = field(default_factory=lambda: dict(NO_CROP))
     max_faces: int = 1
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
         if self.max_faces < 1:
             raise ValueError(f"max_faces must be >= 1, got {self.max_faces}.")
         if self.frames < 1:
@@ -153,7 +158,7 @@ def _load_finetuned(path: Path, device: torch.device | str) -> tuple[torch.nn.Mo
                           f"{(str(exc).splitlines() or [''])[0][:300]}; rerun {DetectorCheckpoint.RERUN}.") from exc
     info = {"kind": "finetuned", "checkpoint": str(path), "backbone": ckpt.backbone, "epoch": ckpt.epoch,
             "val_auc": ckpt.val_auc, "weights_hash": detector.encoder.weights_hash(), "head": ckpt.config["head"],
-            "crop": ckpt.config.get("crop") or dict(NO_CROP)}
+            "crop": ckpt.config.get("crop") or dict(NO_CROP), "calibration": ckpt.config.get("calibration") or {}}
     return _prepare(detector.encoder, device), detector.head.to(device).eval(), info
 
 
@@ -166,6 +171,7 @@ def load_model(
     device: torch.device | str = "cpu",
     crop: str | None = None,
     max_faces: int | None = None,
+    calibration: bool = True,
 ) -> LoadedModel:
     """The submission model: the fine-tuned checkpoint when present, else the head-only model.
 
@@ -178,6 +184,7 @@ def load_model(
         device: where the model runs.
         crop: ``none`` or ``faces``: must be the crop mode the model was trained with (None: the model's).
         max_faces: face tracks scored per video (face-crop models); None: the model's setting, else 1.
+        calibration: apply the checkpoint's temperature (T = 1 when it has none); False: T = 1 (``--no-calibration``).
 
     Raises:
         ModelsError: no model, or a checkpoint that is unsafe, incomplete or does not fit its configuration.
@@ -207,8 +214,9 @@ def load_model(
         encoder, head, info = _load_finetuned(ft_path, device)
         model_crop = dict(info.pop("crop"))
         _check_crop(ft_path, model_crop, crop)
+        t = _temperature(info, calibration)
         return LoadedModel("finetuned", encoder, head, k, k_source, variants, ft_path, round_fp16=False, info=info,
-                           crop=model_crop, max_faces=_max_faces(model_crop, max_faces))
+                           crop=model_crop, max_faces=_max_faces(model_crop, max_faces), temperature=t)
 
     if not head_path.is_file():
         raise ModelsError(f"{head_path} does not exist; run `arena tune-head` first.")
@@ -222,10 +230,17 @@ def load_model(
     encoder = recreate_encoder(prov, device=device)
     info = {"kind": "head-only", "checkpoint": str(head_path), "backbone": prov.get("backbone"),
             "weights_source": prov.get("weights_source"), "weights_hash": prov.get("weights_hash"),
-            "head": ckpt.config, "crop": model_crop}
+            "head": ckpt.config, "crop": model_crop, "calibration": ckpt.calibration}
+    t = _temperature(info, calibration)
     return LoadedModel("head-only", encoder, ckpt.build().to(device), k, k_source, variants, head_path,
                        round_fp16=True, cache_provenance=prov, info=info, crop=model_crop,
-                       max_faces=_max_faces(model_crop, max_faces))
+                       max_faces=_max_faces(model_crop, max_faces), temperature=t)
+
+
+def _temperature(info: dict, calibration: bool) -> float:
+    """The temperature to predict with (recorded in ``info``): the checkpoint's, or 1 without calibration."""
+    info["temperature"] = temperature_of(info.get("calibration")) if calibration else 1.0
+    return info["temperature"]
 
 
 def _check_crop(path: Path, model_crop: dict, requested: str | None) -> None:
@@ -258,6 +273,7 @@ def head_probabilities(
     *,
     device: torch.device | str = "cpu",
     round_fp16: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """P(fake) and attention per TTA variant from per-frame features: the step shared by both paths.
 
@@ -267,6 +283,7 @@ def head_probabilities(
         valid: bool ``[T]``, False for repeated frames (masked out of the attention).
         device: where the head runs.
         round_fp16: round to float16 first (what storing in the cache does).
+        temperature: the logits are divided by it before the softmax (calibration, `arena.calibration`).
 
     Returns:
         (p_fake float64 ``[V]``, attention float32 ``[V, T]``). The head runs in float32 without autocast so both
@@ -283,7 +300,7 @@ def head_probabilities(
         raise ValueError(f"valid mask {tuple(m.shape)} does not match {x.shape[1]} frames")
     mask = m.unsqueeze(0).expand(x.shape[0], -1)
     logits, attn = head(x, mask)
-    p = torch.softmax(logits.float(), dim=-1)[:, 1]
+    p = torch.softmax(logits.float() / float(temperature), dim=-1)[:, 1]
     return p.double().cpu().numpy(), attn.float().cpu().numpy()
 
 
@@ -293,8 +310,10 @@ class VideoPrediction:
 
     Attributes:
         key: the video's key. label: 0/1 when known (evaluation), else None.
-        p_fake: mean over TTA variants of P(fake); 0.5 when the video could not be predicted.
-        variant_p: P(fake) per TTA variant used.
+        p_fake: mean over TTA variants of P(fake) (calibrated with the model's temperature); 0.5 when the video
+            could not be predicted.
+        variant_p: P(fake) per TTA variant used (calibrated).
+        p_uncalibrated: ``p_fake`` at temperature 1 (equal to it for an uncalibrated model).
         frames_requested / frames_used: k asked / rows the head saw (16 after the frame fallback).
         distinct_frames: rows that are distinct decoded frames (the attention mask's True count).
         num_source_frames: frames the video yields.
@@ -328,6 +347,7 @@ class VideoPrediction:
     track_p: list[float] = field(default_factory=list)
     faces_found: bool | None = None
     boxes: np.ndarray | None = None
+    p_uncalibrated: float | None = None
 
     @property
     def main_p(self) -> float:
@@ -337,6 +357,8 @@ class VideoPrediction:
     def __post_init__(self) -> None:
         if not (0.0 <= self.p_fake <= 1.0):
             raise ValueError(f"p_fake must be in [0, 1], got {self.p_fake} for {self.key}")
+        if self.p_uncalibrated is None:
+            self.p_uncalibrated = self.p_fake
 
     def __repr__(self) -> str:
         return (f"VideoPrediction(key={self.key!r}, p_fake={self.p_fake:.4f}, frames={self.frames_used}, "
@@ -383,13 +405,17 @@ class _Predictor:
         self.keep_features = keep_features
         self.frames_encoded = 0
 
-    def _compute(self, views: torch.Tensor, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _compute(self, views: torch.Tensor, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                         np.ndarray]:
+        """P(fake) per variant at the model's temperature and at 1, attention and features."""
         feats = encode_views(self.model.encoder, views, device=self.device, frame_batch=self.frame_batch,
                              precision=self.precision)
         p, attn = head_probabilities(self.model.head, feats, valid, device=self.device,
-                                     round_fp16=self.model.round_fp16)
+                                     round_fp16=self.model.round_fp16, temperature=self.model.temperature)
+        p1 = p if self.model.temperature == 1.0 else head_probabilities(
+            self.model.head, feats, valid, device=self.device, round_fp16=self.model.round_fp16)[0]
         self.frames_encoded += int(views.shape[0] * views.shape[1])
-        return p, attn, feats.numpy()
+        return p, p1, attn, feats.numpy()
 
     def _decode(self, item: Any, frames: int, variants: Sequence[str]) -> ClipViews:
         return ClipDataset([item], size=self.model.encoder.input_size, variants=variants, frames=frames,
@@ -420,11 +446,11 @@ class _Predictor:
                         continue
                     current = fresh
                 views = current.views[: len(step_variants)]
-                p, attn, feats = self._compute(views, current.valid)
+                p, p1, attn, feats = self._compute(views, current.valid)
                 # Other face tracks (--max-faces): each scored alike; the video is as fake as its most fake face.
-                track_p = [float(np.mean(p))] + [float(np.mean(self._compute(t[: len(step_variants)],
-                                                                               current.valid)[0]))
-                                                 for t in current.track_views]
+                others = [self._compute(t[: len(step_variants)], current.valid)[:2] for t in current.track_views]
+                track_p = [float(np.mean(p))] + [float(np.mean(o[0])) for o in others]
+                track_p1 = [float(np.mean(p1))] + [float(np.mean(o[1])) for o in others]
             except Exception as exc:  # noqa: BLE001 - one bad video must not end the run; recorded below
                 text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
                 if not is_oom(exc):
@@ -456,6 +482,7 @@ class _Predictor:
                 track_p=track_p if current.faces_found is not None else [],
                 faces_found=current.faces_found,
                 boxes=None if current.boxes is None else current.boxes[0],
+                p_uncalibrated=float(np.clip(max(track_p1), 0.0, 1.0)),
             )
         return failed_prediction(clip.key, label=clip.label, frames=k, fallback="0.5 (out of memory)",
                                  error="; ".join(errors))

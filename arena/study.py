@@ -28,12 +28,14 @@ from typing import Any
 
 import numpy as np
 import optuna
+import torch
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from arena._files import atomic_write_text
 from arena.cache import FeatureCache
+from arena.calibration import fit_calibration
 from arena.errors import ModelsError, OptionError, StudyError
 from arena.faces.modes import describe as describe_crop
 from arena.head_data import HeadDataStore, open_head_data
@@ -269,7 +271,8 @@ def finalize_study(study: optuna.Study, store: HeadDataStore, models_dir: str | 
                    config: HeadTrainConfig = HeadTrainConfig(), extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write best_head_params.json, best_head.pt, study_summary.json and the plots; return the summary.
 
-    The best trial's head is retrained (deterministic: the same weights) and saved as a `HeadCheckpoint`.
+    The best trial's head is retrained (deterministic: the same weights) and saved as a `HeadCheckpoint`, with the
+    temperature fitted on its validation logits per TTA view (`arena.calibration`: what the submission averages).
     """
     models = _models_folder(models_dir)
     summary = study_summary(study, extra={"train_config": dataclasses.asdict(config), **(extra or {})})
@@ -281,11 +284,18 @@ def finalize_study(study: optuna.Study, store: HeadDataStore, models_dir: str | 
             result = train_head(params, data, config=config)
             atomic_write_text(models / BEST_PARAMS_FILE,
                               json.dumps({**params.to_dict(), "hidden": HIDDEN}, indent=1))
-            HeadCheckpoint(config=result.head_config, state_dict=result.state_dict, frames=data.frames,
-                           params=params.to_dict(), metrics=result.metrics,
-                           provenance=store.provenance).save(models / BEST_HEAD_FILE)
+            ckpt = HeadCheckpoint(config=result.head_config, state_dict=result.state_dict, frames=data.frames,
+                                  params=params.to_dict(), metrics=result.metrics, provenance=store.provenance)
+            head = ckpt.build().to(data.val_x.device)
+            with torch.no_grad():  # logit differences [M, W] on raw features, 256 videos at a time
+                z = torch.cat([torch.stack([head(data.val_x[i:i + 256, w], data.val_mask[i:i + 256])[0].float()
+                                            .diff(dim=-1)[:, 0] for w in range(data.val_x.shape[1])], dim=1)
+                               for i in range(0, data.val_x.shape[0], 256)])
+            ckpt.calibration = fit_calibration(z.double().cpu().numpy(), data.val_y.cpu().numpy())
+            ckpt.save(models / BEST_HEAD_FILE)
             summary["retrained"] = {"val_loss": result.val_loss, "trial_value": best.value,
-                                    "abs_diff": abs(result.val_loss - best.value), "metrics": result.metrics}
+                                    "abs_diff": abs(result.val_loss - best.value), "metrics": result.metrics,
+                                    "calibration": ckpt.calibration}
             summary["skipped_videos"] = data.skipped
         summary["plots"] = save_plots(study, models)
         atomic_write_text(models / STUDY_SUMMARY_FILE, json.dumps(summary, indent=1, default=str))

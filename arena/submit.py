@@ -9,6 +9,7 @@ leaves either the previous complete CSV or the new complete one, never a partial
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 from collections import Counter
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from arena._files import atomic_write_text
+from arena.calibration import clip_probabilities
 from arena.data import Dataset, load_dataset
 from arena.errors import SubmissionError
 from arena.predict import ModelKind, VideoPrediction, failed_prediction, load_model, predict_items
@@ -277,6 +279,8 @@ def make_submission(
     echo: Callable[[str], None] | None = print,
     crop: str | None = None,
     max_faces: int | None = None,
+    calibration: bool = True,
+    clip: float | None = None,
 ) -> SubmitResult:
     """Predict every test video through the full-video path, verify, validate and write the submission.
 
@@ -298,6 +302,9 @@ def make_submission(
         progress: show a progress bar. echo: where the report lines go (None: silent).
         crop: ``none``/``faces``, checked against the model's crop mode (None: the model's).
         max_faces: face tracks scored per video, the video's P(fake) being their maximum (None: the model's).
+        calibration: apply the model's temperature (`arena.calibration`); False: T = 1.
+        clip: write P(fake) clipped to ``[clip, 1 - clip]`` (log-loss leaderboards: one confident mistake then
+            costs at most ``-log(clip)``); None: unclipped. Applied after verification, which compares raw values.
 
     Raises:
         SubmissionError: nothing to submit, every video failed, verification or validation failed.
@@ -310,10 +317,13 @@ def make_submission(
     rows = submission_rows(dataset)
     if not rows:
         raise SubmissionError(f"{data}: test_public.csv lists no test video; nothing to submit.")
-    model = load_model(models, kind=kind, frames=frames, tta=tta, device=dev, crop=crop, max_faces=max_faces)
+    if clip is not None and not 0.0 < clip < 0.5:
+        raise SubmissionError(f"--clip must be in (0, 0.5), got {clip}; 1e-3 or 1e-2 are usual for log-loss scoring.")
+    model = load_model(models, kind=kind, frames=frames, tta=tta, device=dev, crop=crop, max_faces=max_faces,
+                       calibration=calibration)
     faces = "" if model.crop.get("mode") == "none" else f", face crops ({model.max_faces} track(s) per video)"
     say(f"model: {model.kind} ({model.source}), {model.frames} frames ({model.frames_source}), "
-        f"TTA {len(model.variants)} variant(s){faces}, device {dev}")
+        f"TTA {len(model.variants)} variant(s){faces}, temperature {model.temperature:.3f}, device {dev}")
     if verify is not None:
         open_verify_cache(model, verify)  # fail fast, before the whole test set is predicted
     item_by_key = {it.key: it for it in dataset.test}
@@ -351,6 +361,10 @@ def make_submission(
                 f"(tolerance {vres.tolerance:.0e}) on {len(vres.keys)} videos; the previous CSV was left untouched. "
                 "The full path and the cache path disagree: rebuild the cache with the current code and weights."
             )
+    if clip is not None:
+        predictions = [dataclasses.replace(p, p_fake=float(clip_probabilities(p.p_fake, clip))) for p in predictions]
+        lines.append(f"P(fake) clipped to [{clip:g}, {1 - clip:g}] (--clip)")
+        say(lines[-1])
     report = write_submission(predictions, [r.filename for r in rows], out, variants=model.variants, echo=echo)
     done = [f"wrote {report.path} ({report.rows} rows) and {report.detail_path}"]
     fb = Counter(p.fallback for p in predictions if p.fallback != "none")

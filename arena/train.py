@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from arena import metrics
 from arena._files import remove_stale_temporaries
+from arena.calibration import fit_calibration
 from arena.data import load_dataset
 from arena.distributed import Dist, EpochSampler, barrier, gather, setup_distributed, unwrap
 from arena.errors import ModelsError, TrainError
@@ -205,29 +206,31 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, ctx: StepContext) -> None:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, ctx: StepContext, *, show: bool,
              desc: str = "val") -> dict[str, Any]:
-    """Predict every validation video (eval mode, ``original`` view); metrics over all ranks.
+    """Predict every validation video (eval mode, ``original`` view); metrics over all ranks, and the labels ``y``
+    and logit differences ``z`` (fake minus real) for calibration.
 
     Raises:
         TrainError: not one validation video could be decoded.
     """
     model = unwrap(model).eval()
-    rows: list[tuple[int, int, float]] = []
+    rows: list[tuple[int, int, float, float]] = []
     for batch in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, disable=not show, leave=False):
         ctx.guard.check()
         frames, valid = _fewer_frames(batch, ctx.frames)
         with ctx.autocast():
             logits, _ = model(frames.to(ctx.device), valid.to(ctx.device))
         p = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
-        for i, y, q, ok, key, msg in zip(batch.index.tolist(), batch.label.tolist(), p.tolist(), batch.ok.tolist(),
-                                         batch.key, batch.message, strict=True):
+        z = (logits[:, 1].float() - logits[:, 0].float()).cpu().numpy()
+        for i, y, q, zi, ok, key, msg in zip(batch.index.tolist(), batch.label.tolist(), p.tolist(), z.tolist(),
+                                             batch.ok.tolist(), batch.key, batch.message, strict=True):
             if ok:
-                rows.append((i, y, q))
+                rows.append((i, y, q, zi))
             else:
                 ctx.skipped[key] = msg
-    merged: dict[int, tuple[int, float]] = {}
+    merged: dict[int, tuple[int, float, float]] = {}
     for part in gather(rows, ctx.dist):
-        for i, y, q in part:
-            merged.setdefault(i, (y, q))
+        for i, y, q, zi in part:
+            merged.setdefault(i, (y, q, zi))
     if not merged:
         raise TrainError(f"no {desc} video could be decoded (see the skipped videos in {TRAIN_LOG_FILE}); check them "
                          "with `arena inspect`.")
@@ -235,7 +238,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, ctx: StepContext, *, sh
     q = np.array([v[1] for v in merged.values()], dtype=np.float64)
     s = metrics.summary(y, q)
     return {"loss": s["log_loss"], "acc": s["accuracy"], "auc": s["auc"], "f1": s["f1"], "videos": len(merged),
-            "prob_spread": float(q.max() - q.min())}
+            "prob_spread": float(q.max() - q.min()), "y": y,
+            "z": np.array([v[2] for v in merged.values()], dtype=np.float64)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -411,6 +415,7 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
                       curves_name=curves_path.name)
 
     t_run = time.perf_counter()
+    best_val: tuple[np.ndarray, np.ndarray] | None = None  # the best epoch's (labels, logits), for calibration
     for epoch in range(start_epoch, cfg.epochs + 1):
         if stop_reason:
             break
@@ -428,6 +433,7 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
         improved = va["loss"] < es["best_val_loss"]
         if improved:
             es = {"best_val_loss": va["loss"], "best_epoch": epoch, "bad_epochs": 0}
+            best_val = (va["y"], va["z"])
         else:
             es["bad_epochs"] += 1
         if es["bad_epochs"] >= cfg.es_patience:
@@ -463,6 +469,13 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
                              "--epochs, or --resume no to start over.")
         elapsed = elapsed_before + time.perf_counter() - t_run
         summarise(elapsed)
+        if best_val is not None:  # else the best epoch was before a resume: its checkpoint keeps its calibration
+            ckpt = DetectorCheckpoint.load(best_path)
+            ckpt.config = {**ckpt.config, "calibration": fit_calibration(best_val[1], best_val[0])}
+            ckpt.save(best_path)
+            log.info("calibration: temperature %.3f fitted on the best epoch's %d validation videos (log loss %.4f "
+                     "-> %.4f)", ckpt.config["calibration"]["temperature"], len(best_val[0]),
+                     ckpt.config["calibration"]["log_loss_before"], ckpt.config["calibration"]["log_loss_after"])
         best = history[es["best_epoch"] - 1] if es["best_epoch"] else history[-1]
         log.info("done (%s) after epoch %d in %.0f s; best epoch %d: val loss %.4f, AUC %s, acc %.3f -> %s",
                  stop_reason or "stopped", history[-1]["epoch"], elapsed, es["best_epoch"], best["val_loss"],

@@ -5,6 +5,7 @@ every variant with the same head must equal the full path's within the tolerance
 indices, TTA, resize and normalisation agree. A fine-tuned backbone (its features are not in the cache): the
 cache's encoder, recreated from the provenance, runs on the frames the full path decodes and is compared with the
 cached features, and the fine-tuned head is run on the full path's own features through the cache-path logic.
+Both sides apply the model's calibration temperature.
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ def verify_against_cache(
         diffs = []
         for key in keys:
             feats, mask = _cached_views(cache, key, k, variants)
-            p_var, _ = head_probabilities(model.head, feats, mask, device=dev, round_fp16=False)
+            p_var, _ = head_probabilities(model.head, feats, mask, device=dev, round_fp16=False,
+                                          temperature=model.temperature)
             diffs.append(abs(float(np.mean(p_var)) - by_key[key].main_p))
             box_diffs.append(_box_diff(cache.boxes(key, k), by_key[key].boxes))
         max_diff = max(diffs, default=float("inf"))
@@ -220,7 +222,7 @@ def verify_against_cache(
                 continue
             # The cache-path logic: float16 storage round trip, the per-k mask, the mean over variants.
             p_var, _ = head_probabilities(model.head, full.astype(np.float16), by_key[key].valid, device=dev,
-                                          round_fp16=False)
+                                          round_fp16=False, temperature=model.temperature)
             p_diffs.append(abs(float(np.mean(p_var)) - by_key[key].main_p))
         max_diff = max(p_diffs, default=float("inf"))
         max_feat = max(feat_diffs, default=float("inf"))

@@ -17,8 +17,11 @@ def _precision(amp: bool) -> str:
 
 
 def _model_options(f):
-    """--model, --frames, --crop, --max-faces, --device, --workers, --frame-batch, --amp: how the full-video path
-    runs."""
+    """--model, --frames, --crop, --max-faces, --device, --workers, --frame-batch, --amp, --no-calibration: how the
+    full-video path runs."""
+    f = click.option("--calibration/--no-calibration", default=True, show_default=True,
+                     help="Divide the logits by the temperature stored with the model (fitted on validation "
+                          "predictions); --no-calibration: T = 1.")(f)
     f = click.option("--amp/--no-amp", default=True, show_default=True,
                      help="Autocast where the hardware runs it natively (bf16/fp16 on CUDA, bf16 on CPUs with "
                           "AVX512-BF16/AMX, else float32); --no-amp: always float32.")(f)
@@ -47,10 +50,13 @@ def _model_options(f):
 @click.option("--verify-sample", type=click.IntRange(min=1), default=8, show_default=True,
               help="Test videos compared by --verify.")
 @click.option("--verify-all", is_flag=True, help="Compare every test video with --verify.")
+@click.option("--clip", type=click.FloatRange(0.0, 0.5, min_open=True, max_open=True), default=None,
+              help="Write P(fake) clipped to [EPS, 1-EPS] (log-loss leaderboards) [default: no clipping].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (torch, verification sample).")
 def submit_cmd(data: str, models: str, out: str, kind: str, frames: int | None, crop: str | None,
-               max_faces: int | None, device: str, workers: int, frame_batch: int, amp: bool, tta: bool,
-               verify: str | None, verify_sample: int, verify_all: bool, seed: int) -> None:
+               max_faces: int | None, device: str, workers: int, frame_batch: int, amp: bool, calibration: bool,
+               tta: bool, verify: str | None, verify_sample: int, verify_all: bool, clip: float | None,
+               seed: int) -> None:
     """Predict every test video (decode -> 5 TTA views -> backbone -> head), validate and write the CSV.
 
     Exit status: 0 complete; 3 complete and valid, but some rows are 0.5 because their video could not be
@@ -61,7 +67,7 @@ def submit_cmd(data: str, models: str, out: str, kind: str, frames: int | None, 
     result = make_submission(data=data, models=models, out=out, kind=kind, frames=frames, tta=tta, device=device,
                              workers=workers, frame_batch=frame_batch, precision=_precision(amp), verify=verify,
                              verify_sample=None if verify_all else verify_sample, seed=seed, echo=click.echo,
-                             crop=crop, max_faces=max_faces)
+                             crop=crop, max_faces=max_faces, calibration=calibration, clip=clip)
     failed = [p for p in result.predictions if p.status == "failed"]
     if failed:
         click.echo(f"{len(failed)} row(s) are 0.5 because the video could not be predicted (see "
@@ -86,8 +92,9 @@ def submit_cmd(data: str, models: str, out: str, kind: str, frames: int | None, 
 @click.option("--seed", type=int, default=0, show_default=True)
 def evaluate_cmd(data: str, models: str, split: str, labels: str | None, out: str | None, attention: tuple[str, ...],
                  attention_first: int, kind: str, frames: int | None, crop: str | None, max_faces: int | None,
-                 device: str, workers: int, frame_batch: int, amp: bool, seed: int) -> None:
-    """AUC, log loss, accuracy, F1 and confusion with and without TTA; attention report for chosen videos.
+                 device: str, workers: int, frame_batch: int, amp: bool, calibration: bool, seed: int) -> None:
+    """AUC, log loss, accuracy, F1 and confusion with and without TTA; log loss, Brier score and calibration error
+    before and after calibration (reliability.png beside the JSON); attention report for chosen videos.
 
     Exit status: 0 complete; 3 written, but some videos could not be predicted (counted as 0.5).
     """
@@ -95,7 +102,8 @@ def evaluate_cmd(data: str, models: str, split: str, labels: str | None, out: st
 
     result = evaluate(data=data, models=models, split=split, labels=labels, out=out, attention=attention,
                       attention_first=attention_first, kind=kind, frames=frames, device=device, workers=workers,
-                      frame_batch=frame_batch, precision=_precision(amp), seed=seed, crop=crop, max_faces=max_faces)
+                      frame_batch=frame_batch, precision=_precision(amp), seed=seed, crop=crop, max_faces=max_faces,
+                      calibration=calibration)
     for line in metrics_lines(result):
         click.echo(line)
     if result["failed"]:
