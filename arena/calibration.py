@@ -65,7 +65,8 @@ def fit_temperature(logits: Any, y: Any) -> float:
     bounds keep T finite on separable data.
 
     Raises:
-        ValueError: no sample, a label other than 0/1, or only one class present (T would just grow the margins).
+        ValueError: no sample, a label other than 0/1, only one class present, every prediction already on the
+            right side of 0.5, or an optimum at the search bound -- in each case the data cannot identify T.
     """
     z = np.asarray(logits, dtype=np.float64)
     y_arr = np.asarray(y)
@@ -73,16 +74,27 @@ def fit_temperature(logits: Any, y: Any) -> float:
         raise ValueError(f"logits must be [N] or [N, V] with N = len(y) > 0; got {z.shape} and {y_arr.shape}.")
     if len(np.unique(y_arr)) < 2:
         raise ValueError(f"fitting a temperature needs both classes; got only label {np.unique(y_arr).tolist()}.")
+    right = np.where((y_arr == 1).reshape(-1, *([1] * (z.ndim - 1))), z > 0, z < 0)
+    if right.all():
+        # Every prediction on its side of 0.5: the log loss keeps falling as T -> 0, so the data cannot say how
+        # confident the model should be, and the bound would be "fitted" (measured on the demo's fine-tuned model:
+        # T = 0.018 on 60 separated validation videos turned a held-out log loss of 0.04 into 0.40).
+        raise ValueError(f"all {y_arr.size} validation predictions are on the right side of 0.5, so no temperature "
+                         "can be fitted (the log loss falls without end as T -> 0)")
     res = minimize_scalar(lambda t: log_loss(y_arr, apply_temperature(z, math.exp(t))), bounds=LOG_T_BOUNDS,
                           method="bounded", options={"xatol": 1e-4})
+    if min(abs(res.x - b) for b in LOG_T_BOUNDS) < 0.05:
+        raise ValueError(f"the best temperature lies at the search bound (T = {math.exp(res.x):.3g}): the "
+                         "validation predictions cannot pin it down")
     return float(math.exp(res.x))
 
 
 def fit_calibration(logits: Any, y: Any, *, fitted_on: str = "validation") -> dict[str, Any]:
     """`fit_temperature` plus what a checkpoint stores about it (the ``calibration`` dict).
 
-    Keys: ``temperature``, ``fitted_on``, ``videos``, ``log_loss_before``, ``log_loss_after``. With one class only,
-    the temperature is 1 and ``skipped`` says why (a checkpoint still records that calibration was tried).
+    Keys: ``temperature``, ``fitted_on``, ``videos``, ``log_loss_before``, ``log_loss_after``. When the data cannot
+    identify a temperature (one class only, perfectly separated predictions, an optimum at the bound) the
+    temperature stays 1 and ``skipped`` says why (a checkpoint still records that calibration was tried).
     """
     z = np.asarray(logits, dtype=np.float64)
     y_arr = np.asarray(y, dtype=np.int64)

@@ -76,6 +76,19 @@ def test_fit_temperature_needs_both_classes_and_fit_calibration_falls_back_to_on
     assert rec["temperature"] == 1.0 and "both classes" in rec["skipped"]
 
 
+def test_separated_validation_keeps_temperature_one():
+    """Every validation video on its side of 0.5 (the demo's fine-tuned model): T is not identifiable, so it stays 1
+    instead of running to the search bound and making every later mistake a confident one."""
+    z = np.array([[2.0, 3.0], [4.0, 1.0], [-1.0, -2.5], [-3.0, -0.5]])  # [N, V]: right in every view
+    y = np.array([1, 1, 0, 0])
+    with pytest.raises(ValueError, match="right side of 0.5"):
+        fit_temperature(z, y)
+    rec = fit_calibration(z, y)
+    assert rec["temperature"] == 1.0 and "right side of 0.5" in rec["skipped"]
+    z[0, 1] = -0.2  # one view on the wrong side: now the loss has a finite optimum
+    assert 0.05 < fit_calibration(z, y)["temperature"] < 20
+
+
 def test_probability_helpers():
     p = np.array([0.0, 0.2, 0.5, 0.9, 1.0])
     assert clip_probabilities(p, 0.01).tolist() == [0.01, 0.2, 0.5, 0.9, 0.99]
