@@ -96,7 +96,7 @@ DEMO_TUNE_ARGS  ?= --batch-size 16
 DEMO_TRAIN_ARGS ?= --frames 3 --batch-size 8 --accum-steps 1 --epochs 3 --es-patience 3
 DEMO_DATA_ARGS  ?=
 
-demo: setup $(DEMO_DATA)/test_public.csv  ## the whole chain on a generated dataset (2 CPU cores, AVX2 only: 7 min)
+demo: setup $(DEMO_DATA)/test_public.csv  ## the whole chain on a generated dataset (2 CPU cores, AVX2 only: 6.5-7 min)
 	$(ARENA) inspect --decode 8 $(DEMO_DATA)/train/real/real_0001.mp4 $(DEMO_DATA)/train/fake/fake_0001.mp4 \
 	  $(DEMO_DATA)/test/test_0001.mp4
 	$(ARENA) doctor --data $(DEMO_DATA) --expect none
