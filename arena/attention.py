@@ -72,6 +72,7 @@ def attention_report(
     out_dir = Path(out_dir)
     item_by_key = {it.key: it for it in items}
     report = []
+    faces = face_cropper(model.crop)  # one cropper (one detector) for every reported video
     for pred in predictions:
         entry: dict[str, Any] = {"key": pred.key, "label": pred.label, "p_fake": pred.p_fake}
         if pred.attention is None:
@@ -80,7 +81,7 @@ def attention_report(
             continue
         # The frames the head saw: face crops of the main track when the model crops faces.
         clip = ClipDataset([item_by_key[pred.key]], size=model.encoder.input_size, variants=model.variants[:1],
-                           frames=pred.frames_used, faces=face_cropper(model.crop))[0]
+                           frames=pred.frames_used, faces=faces)[0]
         entry.update(frame_indices=[int(i) for i in pred.frame_indices],
                      attention=[round(float(w), 6) for w in pred.attention], valid=[bool(v) for v in pred.valid])
         if clip.views is not None:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from arena.errors import VideoDecodeError
 from arena.faces.stage import FaceCropper, FaceCrops
 from arena.runtime import autocast
-from arena.sampling import uniform_indices
+from arena.sampling import first_occurrence, uniform_indices
 from arena.tta import tta_views
 from arena.video import decode_selected
 
@@ -201,7 +201,7 @@ class ClipDataset(Dataset):
         rows = np.searchsorted(clip.frame_indices, want)
         # A row is valid when its frame was really decoded and is not a repeat of the row before (the mask the
         # whole-frame path gets from the decoder).
-        valid = np.asarray(clip.valid, dtype=bool)[rows] & np.r_[True, np.diff(want) != 0]
+        valid = np.asarray(clip.valid, dtype=bool)[rows] & first_occurrence(want)
         face = self.faces.crop(clip.frames.cpu(), clip.frame_indices, want, self.size,
                                num_source_frames=clip.num_source_frames, path=path)
         return list(face.crops), valid, face

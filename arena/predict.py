@@ -404,6 +404,7 @@ class _Predictor:
         self.model, self.device, self.frame_batch, self.precision = model, device, frame_batch, precision
         self.keep_features = keep_features
         self.frames_encoded = 0
+        self.faces = face_cropper(model.crop, device, max_faces=model.max_faces)  # for the 16-frame fallback
 
     def _compute(self, views: torch.Tensor, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                                          np.ndarray]:
@@ -419,7 +420,7 @@ class _Predictor:
 
     def _decode(self, item: Any, frames: int, variants: Sequence[str]) -> ClipViews:
         return ClipDataset([item], size=self.model.encoder.input_size, variants=variants, frames=frames,
-                           faces=face_cropper(self.model.crop, self.device, max_faces=self.model.max_faces))[0]
+                           faces=self.faces)[0]
 
     def __call__(self, clip: ClipViews, item: Any) -> VideoPrediction:
         k = self.model.frames

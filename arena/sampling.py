@@ -39,3 +39,13 @@ def union_indices(num_source_frames: int, frame_counts: Iterable[int]) -> np.nda
 def sampling_spec() -> dict[str, str]:
     """How frame indices are chosen, as stored in the cache provenance (a change here changes the features)."""
     return {"rule": "uniform", "formula": "np.linspace(0, n - 1, k).astype(int64)", "union": "sorted unique over k"}
+
+
+def first_occurrence(indices) -> np.ndarray:
+    """True at the first occurrence of each frame index (in row order), False for repeats: the attention mask of a
+    sample that asked for more frames than the video has (``uniform_indices(5, 8)`` repeats frames)."""
+    idx = np.asarray(indices)
+    first = np.zeros(len(idx), dtype=bool)
+    _, pos = np.unique(idx, return_index=True)
+    first[pos] = True
+    return first

@@ -44,7 +44,7 @@ from torchvision.transforms.v2 import functional as tvf
 from arena._ffmpeg import Sequential, decode_sequential, ffprobe, frame_count, packet_pts, stream_fields, video_stream
 from arena.errors import OptionError, VideoDecodeError
 from arena.runtime import check_device_name, resolve_device
-from arena.sampling import uniform_indices
+from arena.sampling import first_occurrence, uniform_indices
 
 __all__ = [
     "DecodedClip",
@@ -265,14 +265,6 @@ def _as_indices(indices) -> np.ndarray:
     return arr
 
 
-def _duplicate_mask(indices: np.ndarray) -> np.ndarray:
-    """True at the first occurrence of each index (in row order), False for repeats."""
-    first = np.zeros(len(indices), dtype=bool)
-    _, pos = np.unique(indices, return_index=True)
-    first[pos] = True
-    return first
-
-
 def _resolve_device(device: str) -> str:
     """``auto|cpu|cuda|cuda:N`` (`arena.runtime`'s names) -> the decode device; CPU, with a warning, without CUDA."""
     name = check_device_name(device)  # OptionError for anything else
@@ -407,7 +399,7 @@ def _decode(path, select, *, size, device: str, num_threads: int, resize: str) -
     if size is not None and resize == "tensor":
         data = resize_frames(data, size)
     rows = torch.from_numpy(np.searchsorted(uniq, idx))
-    valid = _duplicate_mask(idx)
+    valid = first_occurrence(idx)
     partial = bool(not valid.all())
     if partial:
         notes.insert(0, f"{int(valid.sum())} distinct frames for {len(idx)} rows (video has {n}); repeats masked")
@@ -463,7 +455,7 @@ def _decode_sequential(p: Path, select, info: VideoInfo, stream: int | None, siz
 
 
 def _clip_from_sequential(idx: np.ndarray, n: int, seq: Sequential, info: VideoInfo, size, notes: list[str]):
-    valid = _duplicate_mask(idx)
+    valid = first_occurrence(idx)
     imgs, pts = [], []
     filled = 0
     for row, i in enumerate(idx.tolist()):

@@ -16,7 +16,7 @@ from _shared import shared_video, shared_video_files
 from arena import video
 from arena.demo import write_video
 from arena.errors import OptionError
-from arena.sampling import uniform_indices
+from arena.sampling import first_occurrence, uniform_indices
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg CLI")
 
@@ -206,7 +206,7 @@ def test_union_rows_equal_subset_decodes(vids, name):
         pos = np.searchsorted(union, idx)
         assert torch.equal(whole.frames[torch.from_numpy(pos)], sub.frames), k
         np.testing.assert_array_equal(whole.pts_seconds[pos], sub.pts_seconds)
-        np.testing.assert_array_equal(whole.valid[pos] & video._duplicate_mask(idx), sub.valid)
+        np.testing.assert_array_equal(whole.valid[pos] & first_occurrence(idx), sub.valid)
 
 
 def test_shared_real_world_videos():

@@ -18,7 +18,7 @@ from arena.cache.layout import STATUSES, Entry, Source, Store, parts_dir, rebuil
 from arena.cache.provenance import Provenance
 from arena.cache.shards import expand_paths
 from arena.errors import CacheError
-from arena.sampling import uniform_indices
+from arena.sampling import first_occurrence, uniform_indices
 
 
 class FeatureCache:
@@ -146,8 +146,7 @@ class FeatureCache:
                 f"frames {lacking[:10]}{'...' if len(lacking) > 10 else ''} were not extracted (built for frame counts "
                 f"{list(self.provenance.frame_counts)}). Rebuild with `arena features --frames ...` including {k}."
             )
-        first = np.ones(k, dtype=bool)
-        first[1:] = want[1:] != want[:-1]  # linspace indices are sorted, so a repeat follows its first occurrence
+        first = first_occurrence(want)
         mask = first & entry.valid[pos_clipped]
         if not mask.any():  # no valid row at all: keep the attention softmax defined
             mask = first
