@@ -11,6 +11,7 @@ import csv
 import io
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,15 +29,17 @@ LABEL_COLUMNS = ("label", "target", "class", "is_fake")
 #: Which videos share a source (`arena.groups`): ``original``/``source`` name the video a fake was made from (as
 #: DFDC's metadata does), ``group`` is any id; the first of these present is used.
 GROUP_COLUMNS = ("original", "source", "group")
-_LABEL_WORDS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "real": 0, "fake": 1}
+# "True"/"False" is how pandas writes a boolean column (``is_fake``, or a ``label`` made with ``df.label == "FAKE"``):
+# True is 1, fake, as everywhere else here.
+_LABEL_WORDS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "real": 0, "fake": 1, "false": 0, "true": 1}
 
 Row = tuple[int, str, "str | None"]  # (line number, file name, raw label or None)
 
 
 def parse_label(value: object) -> int | None:
-    """0/1 from ``0``, ``1``, ``"0"``, ``" FAKE "``, ``"real"`` ...; None for anything else."""
-    if isinstance(value, bool):
-        return None
+    """0/1 from ``0``, ``1``, ``"0"``, ``" FAKE "``, ``"real"``, ``"True"``, ``False`` ...; None for anything else."""
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
     if isinstance(value, (int, np.integer)):
         return int(value) if value in (0, 1) else None
     if isinstance(value, (float, np.floating)):
@@ -93,7 +96,10 @@ def read_listing(path: Path, *, need_label: bool) -> CsvListing:
     except csv.Error:
         dialect = csv.excel
     reader = csv.reader(io.StringIO(text), dialect)
-    header = next(reader)
+    try:
+        header = next(reader)
+    except csv.Error as e:
+        return CsvListing(problem=("unreadable-csv", f"{path.name}: the header line cannot be parsed ({e}){hint}"))
     lowered = [h.strip().lower() for h in header]
     fcol = next((lowered.index(c) for c in FILENAME_COLUMNS if c in lowered), None)
     lcol = next((lowered.index(c) for c in LABEL_COLUMNS if c in lowered), None)
@@ -110,7 +116,7 @@ def read_listing(path: Path, *, need_label: bool) -> CsvListing:
                      + (f", labels from column {header[lcol]!r}" if need_label else "")
                      + (f", groups from column {header[gcol]!r}" if gcol is not None else ""),
                      group_column=None if gcol is None else lowered[gcol])
-    for line_no, row in enumerate(reader, start=2):
+    for line_no, row in _rows(reader, path.name, out.skipped):
         if not any(cell.strip() for cell in row):
             continue
         fname = row[fcol] if fcol < len(row) else ""
@@ -127,6 +133,22 @@ def read_listing(path: Path, *, need_label: bool) -> CsvListing:
     if not out.rows:
         out.problem = ("empty-csv", f"{path.name}: header only, no rows{hint}")
     return out
+
+
+def _rows(reader: Iterator[list[str]], name: str, skipped: list[tuple[str, str]]) -> Iterator[tuple[int, list[str]]]:
+    """``(line number, cells)`` of every data row; a row the csv module refuses (a cell over its field size limit,
+    131,072 characters: usually a quote left open, which swallows the lines after it) is skipped on its own with
+    its line named, and reading goes on after it."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            skipped.append(("bad-csv-row", f"{name} line {reader.line_num}: cannot be parsed ({e}; a quote left "
+                            "open?); row skipped"))
+            continue
+        yield reader.line_num, row
 
 
 def read_csv_rows(path: str | os.PathLike, *, need_label: bool = False) -> list[Row]:

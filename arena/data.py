@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
+from arena.content import identical_groups
 from arena.csvfile import CsvListing, is_utf8, parse_label, read_listing
 from arena.errors import DataError
 
@@ -163,6 +164,8 @@ class Dataset:
     ``test_listing`` keeps ``test_public.csv``'s order and its unusable names; ``test`` is sorted by key.
     ``group_column`` is which of ``original``/``source``/``group`` ``train_labels.csv`` has (lower case), or None;
     ``listed_names`` maps each train key to its name as written in ``train_labels.csv`` (empty without the CSV).
+    ``same_content`` lists pairs of train keys whose files are byte-identical (same label: both kept, and
+    `arena.groups` keeps them on one side of every split; two labels: both were skipped).
     """
 
     root: Path
@@ -172,6 +175,7 @@ class Dataset:
     test_listing: list[ListedVideo] = field(default_factory=list)
     group_column: str | None = None
     listed_names: dict[str, str] = field(default_factory=dict)
+    same_content: list[tuple[str, str]] = field(default_factory=list)
 
     def by_key(self) -> dict[str, VideoItem]:
         """Every train and test item by key (build it once when looking many keys up)."""
@@ -358,6 +362,7 @@ def scan_dataset(root: str | os.PathLike, *, require_test: bool = True) -> Datas
     train, group_column, listed_names = _scan_train(root, scanner, report)
     test, listing = _scan_test(root, scanner, report, require_test=require_test)
 
+    train, same_content = _same_content(train, test, report)
     train_names = {PurePosixPath(i.key).name for i in train}
     for item in test:
         if PurePosixPath(item.key).name in train_names:
@@ -374,12 +379,45 @@ def scan_dataset(root: str | os.PathLike, *, require_test: bool = True) -> Datas
     skipped = len([i for i in report.issues if i.kind in _SKIP_KINDS])
     report.counts = {"train_real": n_real, "train_fake": n_fake, "test": len(test), "skipped": skipped}
     return Dataset(root=root, train=train, test=test, report=report, test_listing=listing, group_column=group_column,
-                   listed_names=listed_names)
+                   listed_names=listed_names, same_content=same_content)
+
+
+def _same_content(train: list[VideoItem], test: list[VideoItem], report: LayoutReport
+                  ) -> tuple[list[VideoItem], list[tuple[str, str]]]:
+    """Report videos whose bytes are identical (`arena.content`); drop train videos whose copies carry two labels.
+
+    Returns:
+        the train items kept, and the pairs of kept train keys that are one video under two names.
+    """
+    items = [*train, *test]
+    drop: set[str] = set()
+    pairs: list[tuple[str, str]] = []
+    for group in identical_groups([i.path for i in items]):
+        members = [items[n] for n in group]
+        names = ", ".join(i.key for i in members)
+        labels = {i.label for i in members if i.label is not None}
+        in_train = [i for i in members if i.label is not None]
+        if len(labels) > 1:
+            for i in in_train:  # one warning per skipped video (the report counts them)
+                drop.add(i.key)
+                report.warn("same-content-conflict", f"{i.key}: the same video (identical bytes) as "
+                            f"{', '.join(o.key for o in members if o is not i)}, labelled both real and fake; "
+                            "skipped (fix the label or delete the copy)")
+        elif len(in_train) > 1:
+            pairs += [(in_train[0].key, i.key) for i in in_train[1:]]
+            report.warn("same-content", f"{names}: the same video (identical bytes) under {len(members)} names; "
+                        "kept, and every split keeps them on one side")
+        if in_train and len(members) > len(in_train):
+            report.warn("train-test-same-content", f"{names}: a test video is byte-identical to a train video "
+                        f"labelled {'fake' if labels == {1} else 'real' if labels == {0} else 'both ways'}")
+        elif not in_train:
+            report.warn("same-content", f"{names}: the same test video (identical bytes) under {len(members)} names")
+    return [i for i in train if i.key not in drop], pairs
 
 
 # Warning kinds that each stand for one skipped video (or CSV row); "duplicate-row" keeps the video.
 _SKIP_KINDS = {"non-utf8-name", "broken-link", "not-a-file", "zero-bytes", "missing", "unlisted", "duplicate",
-               "unknown-label", "ambiguous", "empty-name"}
+               "unknown-label", "ambiguous", "empty-name", "same-content-conflict", "bad-csv-row"}
 
 
 def _scan_train(root: Path, scanner: _Scanner, report: LayoutReport

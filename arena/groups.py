@@ -53,7 +53,7 @@ __all__ = ["DEFAULT_THRESHOLD", "GROUPS_MODES", "METADATA_FILE", "Groups", "Grou
            "groups_from_data", "similar_pairs", "thumbnail_vectors"]
 
 GroupsMode = Literal["auto", "column", "none"]
-Origin = Literal["column", "metadata", "detected"]
+Origin = Literal["column", "metadata", "detected", "content"]
 GROUPS_MODES: tuple[str, ...] = ("auto", "column", "none")
 METADATA_FILE = "metadata.json"
 #: Correlation of two videos' thumbnail vectors at or above which they are judged to share a source (measured,
@@ -340,10 +340,20 @@ def find_groups(dataset: Dataset, mode: GroupsMode = "auto", *, threshold: float
         return _groups_from_pairs(keys, [], mode="none", source="none")
     stated = groups_from_data(dataset, mode)
     if stated is not None:
-        return stated
+        return _with_identical(stated, dataset)
     if mode == "column":
         raise DataError(f"--groups column: {dataset.root / TRAIN_CSV} has no group column (accepted: "
                         f"{', '.join(GROUP_COLUMNS)}, case-insensitive) and there is no {METADATA_FILE} in "
                         f"{dataset.root}, train/ or the video folders; add one, or use --groups auto to detect "
                         "near-duplicate videos (or --groups none)")
-    return _detect(dataset, threshold=threshold, workers=workers)
+    return _with_identical(_detect(dataset, threshold=threshold, workers=workers), dataset)
+
+
+def _with_identical(groups: Groups, dataset: Dataset) -> Groups:
+    """``groups`` joined with the byte-identical train videos `arena.data` found (one video under two names is
+    one source whatever the column or the thumbnails say)."""
+    extra = [Pair(a, b, "content", 1.0) for a, b in dataset.same_content]
+    if not extra:
+        return groups
+    return _groups_from_pairs(list(groups.group), [*groups.pairs, *extra], mode=groups.mode,
+                              source=groups.source + " + identical files", undecodable=groups.undecodable)

@@ -42,7 +42,8 @@ def test_every_label_spelling(tmp_path, real, fake):
 
 def test_parse_label_values():
     assert [parse_label(v) for v in (0, 1, "0", "1", "FAKE", " real ", 1.0)] == [0, 1, 0, 1, 1, 0, 1]
-    assert [parse_label(v) for v in (2, -1, "yes", "", None, True, 0.5)] == [None] * 7
+    assert [parse_label(v) for v in (2, -1, "yes", "", None, 0.5)] == [None] * 6
+    assert [parse_label(v) for v in (True, False, "True", " false ", "TRUE")] == [1, 0, 1, 0, 1]
 
 
 def test_semicolon_csv_and_bom(tmp_path):

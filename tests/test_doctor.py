@@ -149,9 +149,8 @@ def test_doctor_cli_good_layout(tmp_path, no_network):
     # real videos pass the header check; competition counts by default: a warning, not a failure
     from arena.demo import write_video
 
-    frames = np.zeros((3, 16, 16, 3), dtype=np.uint8)
-    for item in data.glob("*/**/*.mp4"):
-        write_video(item, frames, fps=5)
+    for n, item in enumerate(sorted(data.glob("*/**/*.mp4"))):  # distinct content: identical files are flagged
+        write_video(item, np.full((3, 16, 16, 3), 40 * n, dtype=np.uint8), fps=5)
     res = CliRunner().invoke(main, ["doctor", "--data", str(data)])
     assert res.exit_code == 0 and "expected 300 / 300, 200" in res.output
     assert "5 files start like video containers" in res.output
