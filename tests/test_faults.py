@@ -134,6 +134,38 @@ def test_features_kill9_at_a_random_moment_then_rerun_equals_uninterrupted(tiny_
     assert not (out / "f.h5.parts").exists()
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_rerun_right_after_kill9_is_not_refused_by_the_dead_runs_workers(tiny_data, reference, tmp_path):
+    """kill -9 of `arena features` with decode workers alive: the workers shared the lock's file description, so a
+    rerun started at once was refused until they noticed their parent was gone. Now it starts and resumes."""
+    out = tmp_path / "out"
+    proc = spawn(features_args(tiny_data, out, "--workers", "2"))
+    workers: list[int] = []
+    try:
+        assert wait_for_lock(out / "f.h5.lock", proc), "the run never took the cache lock"
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and not (workers := _children(proc.pid)):
+            time.sleep(0.01)
+        assert workers, "the run never started its decode workers"
+        proc.kill()
+        assert proc.wait() == -signal.SIGKILL
+        alive = [w for w in workers if Path(f"/proc/{w}").exists()]
+        res = cli(features_args(tiny_data, out))  # at once: the orphaned workers may still be alive
+        assert res.exit_code == 0, res.output
+        print(f"{len(alive)} of {len(workers)} workers of the killed run were alive at the rerun")
+    finally:
+        for w in workers:
+            with contextlib.suppress(OSError):
+                os.kill(w, signal.SIGKILL)
+    assert filecmp.cmp(out / "f.h5", reference, shallow=False)
+
+
 def test_second_features_process_on_the_same_cache_is_refused(tiny_data, reference, tmp_path):
     """Two `arena features` on one cache: the second stops with the lock message; the first finishes intact."""
     out = tmp_path / "out"

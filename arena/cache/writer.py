@@ -46,9 +46,33 @@ from arena.cache.reader import FeatureCache
 from arena.cache.shards import shard_path
 from arena.errors import CacheError
 
+_HELD_LOCKS: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (DataLoader and decode workers): close the copies of the lock descriptors.
+
+    A ``flock`` belongs to the open file description, which ``fork`` shares with the child, so a worker kept the
+    cache locked until it noticed its parent had died (seconds after a ``kill -9``): a rerun started at once was
+    refused as "being written by another process". Workers never write the cache, so they drop their copies
+    (closing a copy does not release the parent's lock; spawned workers inherit no descriptors at all).
+    """
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
 
 class _WriteLock:
-    """Exclusive, non-blocking ``flock`` on ``<cache>.lock``; the file records the holder's pid for the message."""
+    """Exclusive, non-blocking ``flock`` on ``<cache>.lock``; the file records the holder's pid for the message.
+
+    Held by this process only: forked children close their copy (`_drop_inherited_locks`).
+    """
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,9 +91,11 @@ class _WriteLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd: int | None = fd
+        _HELD_LOCKS.add(fd)
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD_LOCKS.discard(self._fd)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
