@@ -43,6 +43,7 @@ from torchvision.transforms.v2 import functional as tvf
 
 from arena._ffmpeg import Sequential, decode_sequential, ffprobe, frame_count, packet_pts, stream_fields, video_stream
 from arena.errors import OptionError, VideoDecodeError
+from arena.limits import FRAME_PIXEL_BUDGET, MAX_STREAM_PIXELS
 from arena.runtime import check_device_name, resolve_device
 from arena.sampling import first_occurrence, uniform_indices
 
@@ -365,6 +366,13 @@ def _decode(path, select, *, size, device: str, num_threads: int, resize: str) -
         return _decode_sequential(p, select, info, stream, size, num_threads, notes)
 
     info = _info_from_torchcodec(p, dec, p.suffix.lstrip(".").lower())
+    budget = budget_size(p, info.width, info.height)
+    if budget is not None:  # reopened with the decoder's own resize: no full-size frame ever reaches Python
+        notes.append(f"{info.width}x{info.height} frames exceed the pixel budget; decoded at "
+                     f"{budget[1]}x{budget[0]}")
+        _LOG.info("%s: %s", p, notes[-1])
+        size_in_decoder = budget if size is None or resize == "tensor" else size
+        dec = _open_with_device(p, dev, num_threads, size_in_decoder, notes)  # info keeps the stream's size
     n = int(dec.metadata.num_frames or 0)
     if n < 1:
         notes.append("torchcodec's scan found no frames; decoded sequentially with FFmpeg")
@@ -390,11 +398,12 @@ def _decode(path, select, *, size, device: str, num_threads: int, resize: str) -
         notes.append(f"torchcodec failed while decoding ({error}); decoded sequentially with FFmpeg")
         _LOG.info("%s: %s", p, notes[-1])
         scan_pts = packet_pts(p, dec.stream_index, n)
+        seq_size = size if size is not None else budget  # FFmpeg's frames are full size: the same budget
         seq = decode_sequential(p, dec.stream_index, np.unique(idx), scan_pts=scan_pts, num_threads=num_threads,
-                                transform=_hwc_resizer(size))
+                                transform=_hwc_resizer(seq_size))
         if seq.count < n:
             notes.append(f"FFmpeg decoded {seq.count} of {n} frames")
-        return _clip_from_sequential(idx, n, seq, info, size, notes)
+        return _clip_from_sequential(idx, n, seq, info, seq_size, notes)
 
     if size is not None and resize == "tensor":
         data = resize_frames(data, size)
@@ -408,6 +417,24 @@ def _decode(path, select, *, size, device: str, num_threads: int, resize: str) -
         num_source_frames=n, partial=partial, info=info, message="; ".join(notes),
         decoder=f"torchcodec-exact-{str(data.device)}",
     )
+
+
+def budget_size(path: str | os.PathLike, width: int, height: int) -> tuple[int, int] | None:
+    """``(height, width)`` to decode a ``width`` x ``height`` stream at when it exceeds
+    `arena.limits.FRAME_PIXEL_BUDGET` (aspect kept, even sides), else None.
+
+    Raises:
+        VideoDecodeError: the stream exceeds `arena.limits.MAX_STREAM_PIXELS` (refused: too large to decode safely).
+    """
+    pixels = int(width) * int(height)
+    if pixels > MAX_STREAM_PIXELS:
+        raise VideoDecodeError(path, f"{width}x{height} frames ({pixels / 1e6:.0f} Mpx) exceed the "
+                                     f"{MAX_STREAM_PIXELS / 1e6:.0f} Mpx limit (16K UHD); downscale the file first, "
+                                     "e.g. ffmpeg -i IN -vf scale=-2:2160 OUT.mp4")
+    if pixels <= FRAME_PIXEL_BUDGET:
+        return None
+    scale = (FRAME_PIXEL_BUDGET / pixels) ** 0.5
+    return max(2, int(height * scale) // 2 * 2), max(2, int(width * scale) // 2 * 2)
 
 
 #: Frames decoded at source resolution before they are resized: bounds peak memory (a 4K RGB frame is 25 MB,
@@ -445,7 +472,12 @@ def _open_with_device(p: Path, dev: str, num_threads: int, decoder_size, notes: 
 
 def _decode_sequential(p: Path, select, info: VideoInfo, stream: int | None, size, num_threads: int,
                        notes: list[str]) -> DecodedClip:
-    """File-level fallback: n = frames FFmpeg decodes, frame i = the i-th of them."""
+    """File-level fallback: n = frames FFmpeg decodes, frame i = the i-th of them. Frames over the pixel budget
+    are brought within it as each one arrives (FFmpeg hands over one frame at a time)."""
+    budget = budget_size(p, info.width, info.height) if info.width and info.height else None
+    if size is None and budget is not None:
+        size = budget
+        notes.append(f"{info.width}x{info.height} frames exceed the pixel budget; decoded at {size[1]}x{size[0]}")
     n = frame_count(p, stream)
     info = replace(info, num_frames=n)
     idx = select(n)
