@@ -18,7 +18,13 @@ file                        written by              read by
 ``train.log``               ``train-full``          people
 ``optuna_*.png``            ``tune-head``           people
 ``evaluation.json``         ``evaluate``            people (``attention/*.png`` beside it with ``--attention``)
+``oof_predictions.csv``     ``tune-head`` (K folds) people, ``evaluate`` (out-of-fold scores of the best head)
+``folds/fold_<i>/``         ``tune-head`` (K folds) ``submit``/``evaluate`` (ensemble members), ``train-full --fold i``
 =========================== ======================= ============================================================
+
+A K-fold split (``arena split --folds K``) gives every fold a models folder of its own under ``folds/``
+(`fold_dir`): the fold's ``best_head.pt`` and ``frame_test.json`` from ``tune-head``/``frame-test``, and its
+fine-tuned checkpoint from ``train-full --fold i``. The split itself stays in the parent's ``split.json``.
 
 Checkpoints hold only tensors and JSON types, so they load with ``torch.load(..., weights_only=True)``: a file
 that needs arbitrary unpickling (code) is refused with the file named.
@@ -57,6 +63,9 @@ STUDY_PLOT_FILES = ("optuna_history.png", "optuna_importances.png")
 EVALUATION_FILE = "evaluation.json"
 ATTENTION_DIR = "attention"
 FINETUNED_SUFFIX = "_best.pt"
+OOF_FILE = "oof_predictions.csv"
+FOLDS_DIR = "folds"
+FOLD_PREFIX = "fold_"
 
 HEAD_FORMAT = "arena.head/1"
 
@@ -64,6 +73,22 @@ HEAD_FORMAT = "arena.head/1"
 def finetuned_name(backbone: str) -> str:
     """train-full's best checkpoint name: ``inception_resnet_v2.tf_in1k`` -> ``inception_resnet_v2_best.pt``."""
     return backbone.split(".")[0] + FINETUNED_SUFFIX
+
+
+def fold_dir(models: str | os.PathLike, i: int) -> Path:
+    """The models folder of fold ``i`` of a K-fold split: ``<models>/folds/fold_<i>``."""
+    return Path(models) / FOLDS_DIR / f"{FOLD_PREFIX}{int(i)}"
+
+
+def fold_dirs(models: str | os.PathLike) -> list[Path]:
+    """The fold folders under ``<models>/folds`` (or under ``models`` itself when it is a ``folds`` folder), in
+    fold order; empty when there are none."""
+    root = Path(models)
+    if root.name != FOLDS_DIR:
+        root = root / FOLDS_DIR
+    found = [p for p in root.glob(FOLD_PREFIX + "*")
+             if p.is_dir() and p.name[len(FOLD_PREFIX):].isdigit()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[len(FOLD_PREFIX):]))
 
 
 def find_finetuned(models: str | os.PathLike) -> Path | None:

@@ -1,16 +1,22 @@
 """End-to-end fine-tuning of backbone + attention head (`arena train-full`), readable top to bottom.
 
-    split.json ─► ClipDataset (decode -> train_augment hook, in DataLoader workers) ─► Detector ─► AdamW
+    split.json ─► ClipDataset (decode -> augment hook, in DataLoader workers) ─► Detector ─► AdamW
                           └── val: the "original" view ─► metrics ─► ReduceLROnPlateau / early stopping
 
+The augment hook (`arena.train_data.AugmentClip`): the ``--augment`` level's degradations (`arena.augment`, none
+by default), then `arena.tta.train_augment`'s flip/shift/brightness draw.
+
 One epoch = one pass over the training part of the persisted split, then one evaluation on its validation part.
+With ``cfg.fold = i`` the parts are fold i of a K-fold split (train on the other folds, validate on fold i) and
+every output goes into the fold's folder, ``<models>/folds/fold_<i>`` (`arena.train_folds` trains them all).
 At the end of every epoch the run state goes to ``last.pt`` (atomically), so a killed run continues from the last
 finished epoch and ends exactly where an uninterrupted run with the same seed ends: the data order, every
 augmentation draw and dropout come from generators seeded by (seed, epoch, index) or restored from the file.
 
-Outputs (models folder, names from `arena.models_folder`): ``<backbone>_best.pt`` (`DetectorCheckpoint`, the seed's
-keys), ``last.pt``, ``training_summary.json``, ``training_curves.png`` and ``train.log`` (`arena.train_state`).
-Under ``torchrun`` the model is wrapped in DistributedDataParallel and only rank 0 writes (`arena.distributed`).
+Outputs (models or fold folder, names from `arena.models_folder`): ``<backbone>_best.pt`` (`DetectorCheckpoint`,
+the seed's keys), ``last.pt``, ``training_summary.json``, ``training_curves.png`` and ``train.log``
+(`arena.train_state`). Under ``torchrun`` the model is wrapped in DistributedDataParallel and only rank 0 writes
+(`arena.distributed`).
 The pieces: `arena.train_config` (settings), `arena.train_data` (clips and batches), `arena.train_model` (the
 starting model), `arena.train_state` (last.pt, summary, curves, log).
 """
@@ -36,6 +42,7 @@ from tqdm import tqdm
 
 from arena import metrics
 from arena._files import remove_stale_temporaries
+from arena.augment import augment_spec
 from arena.calibration import fit_calibration
 from arena.data import load_dataset
 from arena.distributed import Dist, EpochSampler, barrier, gather, setup_distributed, unwrap
@@ -44,6 +51,7 @@ from arena.faces.modes import crop_provenance, face_cropper
 from arena.hardware import GpuGuard, halving_schedule, run_with_oom_fallback
 from arena.models_folder import (
     BEST_HEAD_FILE,
+    FRAME_TEST_FILE,
     TRAIN_LOG_FILE,
     TRAINING_CURVES_FILE,
     TRAINING_SUMMARY_FILE,
@@ -54,7 +62,7 @@ from arena.models_folder import (
 from arena.runtime import autocast, autocast_dtype, needs_grad_scaler, precision_name, resolve_device
 from arena.sampling import uniform_indices
 from arena.split import ensure_split, load_split
-from arena.train_config import TrainConfig
+from arena.train_config import TrainConfig, check_fold
 from arena.train_data import ClipBatch, CollateClips, eval_dataset, limit_items, train_dataset
 from arena.train_model import build_model, calibrate_head_stats, load_tuned_head
 from arena.train_state import (
@@ -62,6 +70,7 @@ from arena.train_state import (
     TrainResult,
     add_file_log,
     config_difference,
+    finished,
     fmt_score,
     load_last,
     plot_curves,
@@ -256,45 +265,54 @@ def train(cfg: TrainConfig, *, guard: GpuGuard | None = None,
         on_epoch_end: called after every epoch's outputs are written, with (epoch, history row).
 
     Raises:
-        ArenaError: a user-fixable problem (data, split, models folder, weights, options, a run to resume that was
-            made with other settings); the message says what to do.
+        ArenaError: a user-fixable problem (data, split, models folder, weights, options, a fold the split does not
+            have, a run to resume that was made with other settings); the message says what to do.
     """
+    if cfg.fold is not None:
+        check_fold(cfg.models, cfg.fold)  # before the fold's folder is made
+    # A process group this call starts, it ends; one started by the caller (`arena.train_folds`) outlives it.
+    owns_group = not torch.distributed.is_initialized()
     dist, device = setup_distributed(resolve_device(cfg.device))
-    models = Path(cfg.models)
+    out = cfg.out_dir
     handler = None
     if dist.main:
-        models.mkdir(parents=True, exist_ok=True)
-        handler = add_file_log(models / TRAIN_LOG_FILE)
+        out.mkdir(parents=True, exist_ok=True)
+        handler = add_file_log(out / TRAIN_LOG_FILE)
         for name in (cfg.best_path.name, cfg.last_path.name, TRAINING_SUMMARY_FILE, TRAINING_CURVES_FILE):
-            remove_stale_temporaries(models / name)  # left by a run killed in the middle of a write
+            remove_stale_temporaries(out / name)  # left by a run killed in the middle of a write
     try:
         return _train(cfg, device=device, dist=dist, guard=guard, on_epoch_end=on_epoch_end)
     finally:
         remove_file_log(handler)
-        if dist.enabled and torch.distributed.is_initialized():
+        if owns_group and dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
 def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuard | None,
            on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> TrainResult:
-    models = Path(cfg.models)
+    models, out = Path(cfg.models), cfg.out_dir
 
-    # --- data: the persisted split (rank 0 makes it, the others read it)
+    # --- data: the persisted split (rank 0 makes it, the others read it); a fold needs the K-fold split to exist
     dataset = load_dataset(cfg.data, require_test=False)
-    if dist.main:
-        split = ensure_split(dataset, models)
-    barrier(dist)
-    if not dist.main:
-        split = load_split(dataset, models)
+    if cfg.fold is not None:
+        split = load_split(dataset, models).fold(cfg.fold)
+    else:
+        if dist.main:
+            split = ensure_split(dataset, models)
+        barrier(dist)
+        if not dist.main:
+            split = load_split(dataset, models)
     train_items = limit_items(split.train, cfg.limit_train, cfg.seed)
     val_items = limit_items(split.val, cfg.limit_val, cfg.seed + 1)
 
-    # --- model, head init, optimiser
-    frames, frames_source = resolve_frames(models, cfg.frames)
-    tuned = None if cfg.head_init == "default" else load_tuned_head(models)
+    # --- model, head init, optimiser. A fold starts from its own tuned head (the parent's was tuned with this
+    # fold's validation videos in its training data) and its own frame test, else the parent's.
+    frames, frames_source = resolve_frames(out if (out / FRAME_TEST_FILE).is_file() else models, cfg.frames)
+    tuned = None if cfg.head_init == "default" else load_tuned_head(out)
     if cfg.head_init == "tuned" and tuned is None:
-        raise ModelsError(f"--head-init tuned: no {models / BEST_HEAD_FILE}; run `arena tune-head` first, or pass "
-                          "--head-init auto or default.")
+        fold_hint = " on the K-fold split" if cfg.fold is not None else ""
+        raise ModelsError(f"--head-init tuned: no {out / BEST_HEAD_FILE}; run `arena tune-head`{fold_hint} first, or "
+                          "pass --head-init auto or default.")
     model = build_model(cfg, tuned).to(device)
     if device.type == "cuda":
         model.encoder.to_channels_last()
@@ -325,8 +343,28 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
         "split_sha256": split.sha256, "train_videos": len(train_items), "val_videos": len(val_items),
         "world_size": dist.world, "optimizer": "AdamW", "scheduler": "ReduceLROnPlateau(val loss, factor 0.1)",
         "early_stopping": "val loss", "checkpoint": cfg.best_path.name, "train_augment": train_augment_spec(),
-        "crop": crop_provenance(cfg.crop),
+        "augment_policy": augment_spec(cfg.augment), "crop": crop_provenance(cfg.crop),
     }
+    if cfg.fold is not None:
+        resolved["folds"] = split.folds
+        if dist.main and model.head_init_source == "default" and cfg.head_init == "auto":
+            log.info("fold %d: no tuned head fits in %s; starting from a fresh head", cfg.fold, out)
+
+    # --- resume (a finished run returns here, before face detection and data loading)
+    last = None
+    if cfg.resume != "no" and cfg.last_path.is_file():
+        last = load_last(cfg.last_path)
+        diff = config_difference(last["config"], resolved)
+        if diff:
+            raise TrainError(f"{cfg.last_path} was made with other settings: {'; '.join(diff)}. Rerun with those "
+                             "settings to continue it, or pass --resume no to start over (it will be replaced).")
+        if finished(last, cfg.epochs):
+            log.warning("%s: this run already finished at epoch %d (%s); nothing to train. Pass --resume no to "
+                        "train again, or more --epochs to extend a run that stopped at its epoch limit.",
+                        cfg.last_path, last["epoch"], last["stop_reason"])
+            return _finished_result(cfg, last, main=dist.main)
+    elif cfg.resume == "yes":
+        raise TrainError(f"--resume: no {cfg.last_path} to continue from; run without --resume to start.")
 
     # --- face crops: boxes depend on the video alone, so detect once here (on the CPU, in `cfg.workers`
     # processes), not in every epoch's decoding workers; the prepared detections travel with the datasets.
@@ -337,23 +375,9 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
         log.info("face detection on %d videos: %.1f s (%d could not be decoded)", len(train_items) + len(val_items),
                  time.perf_counter() - t_faces, len(undecodable))
 
-    # --- resume
     history: list[dict[str, Any]] = []
     es = {"best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0}
     start_epoch, elapsed_before, resumed_from, stop_reason = 1, 0.0, 0, ""
-    last = None
-    if cfg.resume != "no" and cfg.last_path.is_file():
-        last = load_last(cfg.last_path)
-        diff = config_difference(last["config"], resolved)
-        if diff:
-            raise TrainError(f"{cfg.last_path} was made with other settings: {'; '.join(diff)}. Rerun with those "
-                             "settings to continue it, or pass --resume no to start over (it will be replaced).")
-        if last["finished"] and not (last["stop_reason"] == "max_epochs" and cfg.epochs > last["epoch"]):
-            log.warning("%s: this run already finished at epoch %d (%s); nothing to train. Pass --resume no to "
-                        "train again, or more --epochs to extend a run that stopped at its epoch limit.",
-                        cfg.last_path, last["epoch"], last["stop_reason"])
-    elif cfg.resume == "yes":
-        raise TrainError(f"--resume: no {cfg.last_path} to continue from; run without --resume to start.")
     if last is not None:
         model.load_state_dict(last["model_state_dict"])
         optimizer.load_state_dict(last["optimizer_state_dict"])
@@ -363,9 +387,6 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
         start_epoch = int(last["epoch"]) + 1
         resumed_from = int(last["epoch"])
         elapsed_before = float(last["elapsed_seconds"])
-        stop_reason = last["stop_reason"] if last["finished"] else ""
-        if stop_reason == "max_epochs" and cfg.epochs > last["epoch"]:
-            stop_reason = ""
         set_rng_state(last["rng"], device)
         log.info("resuming from %s after epoch %d", cfg.last_path, resumed_from)
     else:
@@ -381,7 +402,8 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
 
     # --- loaders (workers decode; the sampler hands them (epoch, index) keys)
     size = tuple(unwrap(model).encoder.input_size)
-    train_ds = train_dataset(train_items, frames=frames, size=size, seed=cfg.seed, faces=faces)
+    train_ds = train_dataset(train_items, frames=frames, size=size, seed=cfg.seed, faces=faces,
+                             augment=cfg.augment)
     val_ds = eval_dataset(val_items, frames=frames, size=size, faces=faces)
     train_sampler = EpochSampler(train_ds, world=dist.world, rank=dist.rank, shuffle=True, seed=cfg.seed,
                                  labels=[it.label for it in train_items] if cfg.balanced else None)
@@ -399,14 +421,15 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
     ctx = StepContext(device=device, amp_dtype=amp, scaler=scaler, guard=guard, dist=dist, frames=frames,
                       min_frames=cfg.min_frames)
     if dist.main:
-        log.info("train-full: %d train / %d val videos, %d frames at %s, batch %d x accum %d x %d process(es), "
-                 "precision %s, device %s; outputs in %s", len(train_items), len(val_items), frames, size,
-                 cfg.batch_size, cfg.accum_steps, dist.world, resolved["amp_dtype"], device, models)
+        fold = "" if cfg.fold is None else f" fold {cfg.fold} of {split.folds}"
+        log.info("train-full%s: %d train / %d val videos, %d frames at %s, batch %d x accum %d x %d process(es), "
+                 "precision %s, augment %s, device %s; outputs in %s", fold, len(train_items), len(val_items), frames,
+                 size, cfg.batch_size, cfg.accum_steps, dist.world, resolved["amp_dtype"], cfg.augment, device, out)
         log.info("resolved config: %s", json.dumps(resolved, sort_keys=True))
 
     # --- epochs
     best_path, last_path = cfg.best_path, cfg.last_path
-    summary_path, curves_path = models / TRAINING_SUMMARY_FILE, models / TRAINING_CURVES_FILE
+    summary_path, curves_path = out / TRAINING_SUMMARY_FILE, out / TRAINING_CURVES_FILE
 
     def summarise(elapsed: float) -> None:
         write_summary(summary_path, resolved=resolved, history=history, es=es, elapsed=elapsed,
@@ -457,8 +480,9 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
                         "config": resolved, "rng": rng_state(device), "elapsed_seconds": elapsed,
                         "finished": bool(stop_reason), "stop_reason": stop_reason, **scores}, last_path)
             summarise(elapsed)
-            plot_curves(history, curves_path, title=f"{cfg.short_name} train-full ({frames} frames, "
-                        f"{resolved['image_size']} px, seed {cfg.seed})")
+            fold_name = "" if cfg.fold is None else f" fold {cfg.fold}"
+            plot_curves(history, curves_path, title=f"{cfg.short_name} train-full{fold_name} ({frames} frames, "
+                        f"{resolved['image_size']} px, seed {cfg.seed}, augment {cfg.augment})")
         barrier(dist)  # nobody starts the next epoch before the files of this one exist
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
@@ -483,7 +507,16 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
     return TrainResult(best_path=best_path, last_path=last_path, summary_path=summary_path, curves_path=curves_path,
                        best_epoch=int(es["best_epoch"]), epochs_run=len(history), stop_reason=stop_reason,
                        history=history, resumed_from=resumed_from, skipped=dict(ctx.skipped),
-                       oom_events=list(ctx.oom_events), main=dist.main)
+                       oom_events=list(ctx.oom_events), main=dist.main, fold=cfg.fold)
+
+
+def _finished_result(cfg: TrainConfig, last: dict[str, Any], *, main: bool) -> TrainResult:
+    """What a finished run (its ``last.pt``) ended with; nothing is trained and no file is touched."""
+    out = cfg.out_dir
+    return TrainResult(best_path=cfg.best_path, last_path=cfg.last_path, summary_path=out / TRAINING_SUMMARY_FILE,
+                       curves_path=out / TRAINING_CURVES_FILE, best_epoch=int(last["early_stopping"]["best_epoch"]),
+                       epochs_run=len(last["history"]), stop_reason=last["stop_reason"],
+                       history=list(last["history"]), resumed_from=int(last["epoch"]), main=main, fold=cfg.fold)
 
 
 def _num(x: float | None) -> float:

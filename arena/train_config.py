@@ -1,4 +1,5 @@
-"""`TrainConfig`: everything that decides a fine-tuning run (`arena train-full`), checked when it is made."""
+"""`TrainConfig`: everything that decides a fine-tuning run (`arena train-full`), checked when it is made; and
+`check_fold`, which checks ``--fold`` against the split file before anything is written."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from arena.augment import LEVELS as AUGMENT_CHOICES
 from arena.errors import OptionError
 from arena.faces.stage import FaceCropConfig
 from arena.limits import MAX_FRAMES, MAX_IMAGE_SIZE, MAX_WORKERS, MIN_IMAGE_SIZE
-from arena.models_folder import LAST_FILE, finetuned_name
+from arena.models_folder import LAST_FILE, finetuned_name, fold_dir
 from arena.runtime import PRECISIONS, check_device_name
+from arena.split import AFTER_NEW_SPLIT, SPLIT_FILE, stored_parts
 
 #: ``--amp`` values: the precisions of `arena.runtime`; ``off`` (older runs) is read as ``fp32``.
 AMP_CHOICES = (*PRECISIONS, "off")
@@ -25,7 +28,8 @@ class TrainConfig:
 
     Attributes:
         data: dataset folder (the competition layout).
-        models: output folder; holds ``split.json`` and, when present, ``frame_test.json`` / ``best_head.pt``.
+        models: the models folder; holds ``split.json`` and, when present, ``frame_test.json`` / ``best_head.pt``.
+            The outputs go here, or into the fold's folder with ``fold`` (`out_dir`).
         frames: frames per video; None: ``frame_test.json``'s recommendation, else 24.
         batch_size: videos per step.
         lr / head_lr / weight_decay / head_weight_decay: AdamW; the head's defaults come from the tuned head.
@@ -45,6 +49,10 @@ class TrainConfig:
         min_frames: the fewest frames an out-of-memory retry may fall back to.
         crop: face-centred crops (`arena.faces.FaceCropConfig`) for training and validation clips; None: whole
             frames. Stored in the checkpoint's config, so submit cuts frames the same way.
+        augment: the training clips' degradations (`arena.augment`): ``none``, ``light`` or ``strong``.
+        fold: train fold ``i`` of the K-fold split in ``models/split.json`` (train on the other folds, validate on
+            fold i) into ``models/folds/fold_<i>``, starting from that folder's ``best_head.pt`` and frame test
+            (else the parent's frame test); None: the split's train/validation parts, outputs in ``models``.
 
     Raises:
         OptionError: a value outside its allowed range or choices (the message names both).
@@ -83,13 +91,15 @@ class TrainConfig:
     vram_warn_frac: float = 0.9
     crop: FaceCropConfig | None = None
     empty_cache_each_video: bool = False
+    augment: Literal["none", "light", "strong"] = "none"
+    fold: int | None = None
 
     def __post_init__(self) -> None:
         # Plain strings: the config is stored in checkpoints that must load with weights_only=True.
         self.data, self.models = str(self.data), str(self.models)
         self.weights = None if self.weights is None else str(self.weights)
         for name, allowed in (("amp", AMP_CHOICES), ("resume", RESUME_CHOICES), ("head_init", HEAD_INIT_CHOICES),
-                              ("head_stats", HEAD_STATS_CHOICES)):
+                              ("head_stats", HEAD_STATS_CHOICES), ("augment", AUGMENT_CHOICES)):
             value = getattr(self, name)
             _need(value in allowed, f"Invalid --{name.replace('_', '-')} ({value}). Supported values are "
                                     f"{', '.join(allowed)}.")
@@ -119,6 +129,8 @@ class TrainConfig:
         _need(self.temp_resume_c < self.temp_pause_c, f"--temp-resume ({self.temp_resume_c}) must be below "
               f"--temp-pause ({self.temp_pause_c}); e.g. pause at 78 and resume at 72.")
         _need(0 < self.vram_warn_frac <= 1, f"--vram-warn must be in (0, 1], got {self.vram_warn_frac}")
+        _need(self.fold is None or (isinstance(self.fold, int) and self.fold >= 0),
+              f"--fold must be a fold number >= 0 (or all), got {self.fold!r}")
 
     @property
     def short_name(self) -> str:
@@ -126,14 +138,49 @@ class TrainConfig:
         return self.backbone.split(".")[0]
 
     @property
+    def out_dir(self) -> Path:
+        """Where the run's outputs go: ``<models>``, or ``<models>/folds/fold_<i>`` with ``fold``."""
+        return Path(self.models) if self.fold is None else fold_dir(self.models, self.fold)
+
+    @property
     def best_path(self) -> Path:
-        """The best checkpoint, ``<models>/<backbone>_best.pt``."""
-        return Path(self.models) / finetuned_name(self.backbone)
+        """The best checkpoint, ``<out_dir>/<backbone>_best.pt``."""
+        return self.out_dir / finetuned_name(self.backbone)
 
     @property
     def last_path(self) -> Path:
-        """The resumable run state, ``<models>/last.pt``."""
-        return Path(self.models) / LAST_FILE
+        """The resumable run state, ``<out_dir>/last.pt``."""
+        return self.out_dir / LAST_FILE
+
+
+def split_folds(models: str | Path) -> int | None:
+    """How many folds ``models/split.json`` holds (1 for a holdout); None when there is no readable split file."""
+    parts = stored_parts(models)
+    if parts is None:
+        return None
+    folds = [v for v in parts.values() if isinstance(v, int)]
+    return max(folds) + 1 if folds else 1
+
+
+def check_fold(models: str | Path, fold: int | str) -> int:
+    """The number of folds, when ``models/split.json`` holds K folds and ``fold`` is one of them (or ``all``).
+
+    Raises:
+        OptionError: no readable split file, a one-part holdout, or no such fold; the message says how to make one.
+    """
+    path = Path(models) / SPLIT_FILE
+    make = "make a K-fold split with `arena split --folds K --new-split`"
+    k = split_folds(models)
+    if k is None:
+        state = "cannot be read as a split file" if path.exists() else "does not exist"
+        raise OptionError(f"--fold {fold}: {path} {state}; {make} (K >= 2), then train each fold.")
+    if k == 1:
+        raise OptionError(f"--fold {fold}: {path} is a single train/validation holdout, not K folds; {make} "
+                          f"(K >= 2) or train without --fold. After a new split, {AFTER_NEW_SPLIT}.")
+    if fold != "all" and not 0 <= fold < k:
+        raise OptionError(f"--fold {fold}: {path} has {k} folds, numbered 0 to {k - 1}; pick one of them (or all), "
+                          f"or {make} for more.")
+    return k
 
 
 def _need(cond: bool, message: str) -> None:

@@ -1,9 +1,10 @@
 """Fine-tuning's data: the shared clip pipeline (`arena.clips.ClipDataset`) with the training augmentation hook,
 a seeded class-balanced subset for quick runs, and the collation of `ClipViews` into batches.
 
-Training and validation clips come from exactly the decode the cache and the submission use; training adds one
-`arena.tta.train_augment` draw per clip from a generator seeded by (seed, epoch, index), validation takes the
-``original`` view. A video that cannot be decoded stays in its batch with weight 0 and is reported, never replaced.
+Training and validation clips come from exactly the decode the cache and the submission use; training adds, from a
+generator seeded by (seed, epoch, index), the ``--augment`` level's degradations (`arena.augment`; none by default)
+and then one `arena.tta.train_augment` draw per clip; validation takes the ``original`` view. A video that cannot
+be decoded stays in its batch with weight 0 and is reported, never replaced.
 """
 
 from __future__ import annotations
@@ -14,21 +15,37 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from arena.augment import check_level, degrade
 from arena.clips import ClipDataset, ClipViews
 from arena.faces.stage import FaceCropper
 from arena.tta import train_augment
 
 
-def augment_clip(frames: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """The training hook of `ClipDataset`: one `train_augment` draw from ``rng`` (a module function: picklable)."""
-    return train_augment(frames, rng=rng)
+@dataclass(frozen=True)
+class AugmentClip:
+    """The training hook of `ClipDataset` (a dataclass: picklable for DataLoader workers).
+
+    The ``level``'s degradations (`arena.augment.degrade`), then one `train_augment` draw. The degradations draw
+    from a child of ``rng`` (``rng.spawn``), which leaves ``rng``'s own stream untouched: ``train_augment`` draws
+    exactly what it drew before ``--augment`` existed, and level ``none`` gives the clips of earlier runs bit for bit.
+    """
+
+    level: str = "none"
+
+    def __post_init__(self) -> None:
+        check_level(self.level)
+
+    def __call__(self, frames: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        if self.level != "none":
+            frames = degrade(frames, self.level, rng.spawn(1)[0])
+        return train_augment(frames, rng=rng)
 
 
 def train_dataset(items: Sequence, *, frames: int, size: tuple[int, int], seed: int,
-                  faces: FaceCropper | None = None) -> ClipDataset:
-    """Training clips, augmented (face crops of the main track first, with ``faces``); index with
-    ``(epoch, index)`` keys (`arena.distributed.EpochSampler`)."""
-    return ClipDataset(items, size=size, frames=frames, augment=augment_clip, seed=seed, faces=faces)
+                  faces: FaceCropper | None = None, augment: str = "none") -> ClipDataset:
+    """Training clips, augmented at ``augment`` (`arena.augment.LEVELS`; face crops of the main track first, with
+    ``faces``); index with ``(epoch, index)`` keys (`arena.distributed.EpochSampler`)."""
+    return ClipDataset(items, size=size, frames=frames, augment=AugmentClip(augment), seed=seed, faces=faces)
 
 
 def eval_dataset(items: Sequence, *, frames: int, size: tuple[int, int],

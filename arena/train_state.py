@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from arena._files import atomic_write, atomic_write_text
+from arena.augment import augment_spec
 from arena.errors import ModelsError
 from arena.hardware import hardware_summary
 from arena.models_folder import LAST_FILE, TRAIN_LOG_FILE, load_torch
@@ -31,6 +32,8 @@ RESUME_FREE = ("data", "models", "resume", "workers", "device", "epochs", "temp_
                "vram_warn_frac", "empty_cache_each_video", "frames_source")
 # Older spellings of the same precision (runs saved before --amp took fp32 and the one precision policy).
 _PRECISION_ALIASES = {"off": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# Settings added after runs were saved without them: a missing one had this value then.
+_ADDED_LATER = {"augment": "none", "augment_policy": augment_spec("none")}
 
 
 @dataclass
@@ -49,13 +52,15 @@ class TrainResult:
     skipped: dict[str, str] = field(default_factory=dict)
     oom_events: list[dict[str, Any]] = field(default_factory=list)
     main: bool = True
+    fold: int | None = None
 
     def lines(self) -> list[str]:
         """A short human summary: how the run ended, the best epoch and where the outputs are."""
         if not self.history:
             return ["no epoch was run"]
         best = self.history[self.best_epoch - 1] if self.best_epoch else self.history[-1]
-        out = [f"train-full: {self.stop_reason or 'stopped'} after epoch {self.history[-1]['epoch']}"
+        name = "train-full" if self.fold is None else f"train-full fold {self.fold}"
+        out = [f"{name}: {self.stop_reason or 'stopped'} after epoch {self.history[-1]['epoch']}"
                + (f" (resumed after epoch {self.resumed_from})" if self.resumed_from else ""),
                f"best epoch {self.best_epoch}: val loss {best['val_loss']:.4f}, AUC {fmt_score(best['val_auc'])}, "
                f"accuracy {best['val_acc']:.3f}, F1 {best['val_f1']:.3f}",
@@ -76,12 +81,18 @@ def config_difference(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     """Settings that differ between a saved run and this one, ignoring those that may change on resume."""
 
     def value(cfg: dict[str, Any], key: str) -> Any:
-        v = cfg.get(key)
+        v = cfg.get(key, _ADDED_LATER.get(key))
         return _PRECISION_ALIASES.get(v, v) if key in ("amp", "amp_dtype") and isinstance(v, str) else v
 
     keys = sorted((set(saved) | set(current)) - set(RESUME_FREE))
     return [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in keys
             if value(saved, k) != value(current, k)]
+
+
+def finished(last: dict[str, Any], epochs: int) -> bool:
+    """Whether the run in ``last.pt`` has nothing left to train at ``--epochs epochs``: it stopped early, or it
+    reached its epoch limit and ``epochs`` does not extend it."""
+    return bool(last["finished"]) and not (last["stop_reason"] == "max_epochs" and epochs > int(last["epoch"]))
 
 
 def load_last(path: Path) -> dict[str, Any]:

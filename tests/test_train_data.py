@@ -7,6 +7,7 @@ import pytest
 import torch
 from _layout import write_dataset
 
+from arena.augment import degrade
 from arena.data import load_dataset
 from arena.train_data import ClipBatch, CollateClips, eval_dataset, limit_items, train_dataset
 from arena.tta import train_augment
@@ -37,6 +38,18 @@ def test_a_training_clip_is_the_decoded_clip_augmented_with_a_generator_seeded_b
         assert torch.equal(clip.views[0], want)
     assert not torch.equal(ds[(1, 0)].views, ds[(2, 0)].views)  # a new draw every epoch
     assert torch.equal(ds[(1, 0)].views, ds[(1, 0)].views)  # and the same draw whenever it is asked again
+
+
+def test_augment_levels_add_the_degradations_of_the_same_seeded_draw_to_training_clips_only(items):
+    plain = train_dataset(items, frames=4, size=(SIZE, SIZE), seed=3)
+    strong = train_dataset(items, frames=4, size=(SIZE, SIZE), seed=3, augment="strong")
+    rng = np.random.default_rng([3, 2, 1])
+    decoded = decode_uniform(items[1].path, 4, size=(SIZE, SIZE)).frames
+    want = train_augment(degrade(decoded, "strong", rng.spawn(1)[0]), rng=rng)
+    assert torch.equal(strong[(2, 1)].views[0], want)  # the (seed, epoch, index) draw, as a resumed run draws it
+    assert torch.equal(strong[(2, 1)].views, strong[(2, 1)].views)
+    assert any(not torch.equal(strong[(e, 0)].views, plain[(e, 0)].views) for e in range(1, 4))
+    assert eval_dataset(items, frames=4, size=(SIZE, SIZE)).augment is None  # validation: the original view
 
 
 def test_a_validation_clip_is_the_original_view(items):

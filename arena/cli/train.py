@@ -16,10 +16,27 @@ from arena.cli._options import (
 from arena.limits import MAX_FRAMES
 
 
+def _fold_value(ctx: click.Context, param: click.Parameter, value: str | None) -> int | str | None:
+    """``--fold``: a fold number or ``all`` (whether the split has that fold is checked against split.json)."""
+    if value is None or value == "all":
+        return value
+    try:
+        fold = int(value)
+    except ValueError:
+        fold = -1
+    if fold < 0:
+        raise click.BadParameter(f"{value!r} is neither a fold number (0, 1, ...) nor all.")
+    return fold
+
+
 @main.command("train-full")
 @click.option("--data", type=click.Path(exists=True, file_okay=False), required=True, help="Dataset folder.")
 @click.option("--models", type=click.Path(file_okay=False), default="models", show_default=True,
               help="Output folder (split.json, frame_test.json and best_head.pt are read from it when present).")
+@click.option("--fold", default=None, metavar="I|all", callback=_fold_value,
+              help="Train fold I of the K-fold split in MODELS/split.json (`arena split --folds K`): train on the "
+                   "other folds, validate on fold I, outputs (and the starting best_head.pt, frame_test.json) in "
+                   "MODELS/folds/fold_I. all: every fold in turn; finished folds are skipped.")
 @backbone_options
 @click.option("--frames", type=click.IntRange(1, MAX_FRAMES), default=None,
               help="Frames per video; default: frame_test.json's recommendation, else 24.")
@@ -49,6 +66,9 @@ from arena.limits import MAX_FRAMES
                    "(auto: recompute for a tuned head on a random-init backbone).")
 @click.option("--balanced/--no-balanced", default=True, show_default=True,
               help="Class-balanced training order: real and fake clips alternate, so each batch holds both.")
+@click.option("--augment", type=click.Choice(["none", "light", "strong"]), default="none", show_default=True,
+              help="Degrade training clips as test videos are (JPEG recompression, downscaling, blur, noise, "
+                   "colour; one draw per clip): light or strong. Validation and submit never are.")
 @device_option
 @workers_option
 @click.option("--resume", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
@@ -66,20 +86,21 @@ from arena.limits import MAX_FRAMES
               help="Warn and empty the CUDA cache at this fraction of VRAM in use.")
 @click.option("--empty-cache-each-video/--no-empty-cache-each-video", default=False, show_default=True)
 @crop_options
-def train_full_cmd(data, models, backbone, pretrained, weights, image_size, seed, frames, batch_size, accum_steps, lr,
-                   head_lr, weight_decay, epochs, lr_patience, es_patience, amp, grad_checkpointing, head_init,
-                   head_stats, balanced, device, workers, resume, limit_train, limit_val, min_frames, temp_pause,
-                   temp_resume, vram_warn, empty_cache_each_video, crop, face_detector, face_margin, detect_size,
-                   detect_frames, max_faces):
+def train_full_cmd(data, models, fold, backbone, pretrained, weights, image_size, seed, frames, batch_size,
+                   accum_steps, lr, head_lr, weight_decay, epochs, lr_patience, es_patience, amp, grad_checkpointing,
+                   head_init, head_stats, balanced, augment, device, workers, resume, limit_train, limit_val,
+                   min_frames, temp_pause, temp_resume, vram_warn, empty_cache_each_video, crop, face_detector,
+                   face_margin, detect_size, detect_frames, max_faces):
     """Fine-tune backbone + attention head end to end (resumable; DDP under torchrun -m arena train-full).
 
     Under torchrun each process uses GPU LOCAL_RANK (choose the GPUs with CUDA_VISIBLE_DEVICES); --device cuda:N
-    is for one process per machine.
+    is for one process per machine. With --fold every process trains the same fold.
     """
     import logging
 
     from arena.train import train
     from arena.train_config import TrainConfig
+    from arena.train_folds import train_folds
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig(
@@ -90,11 +111,14 @@ def train_full_cmd(data, models, backbone, pretrained, weights, image_size, seed
         head_stats=head_stats, balanced=balanced, workers=workers, seed=seed, device=device, resume=resume,
         limit_train=limit_train, limit_val=limit_val, min_frames=min_frames, temp_pause_c=temp_pause,
         temp_resume_c=temp_resume, vram_warn_frac=vram_warn, empty_cache_each_video=empty_cache_each_video,
-        crop=face_config(crop, face_detector, face_margin, detect_size, detect_frames, max_faces),
+        crop=face_config(crop, face_detector, face_margin, detect_size, detect_frames, max_faces), augment=augment,
+        fold=None if fold == "all" else fold,
     )
-    result = train(cfg)  # an ArenaError (data, split, weights, options, resume mismatch) is printed by the group
-    if result.main:
-        for line in result.lines():
-            click.echo(line)
-    if result.skipped:
+    # An ArenaError (data, split, fold, weights, options, resume mismatch) is printed by the group.
+    results = train_folds(cfg) if fold == "all" else [train(cfg)]
+    for result in results:
+        if result.main:
+            for line in result.lines():
+                click.echo(line)
+    if any(result.skipped for result in results):
         raise SystemExit(3)  # outputs complete, but some videos could not be decoded (listed above)
