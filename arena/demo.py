@@ -1,6 +1,6 @@
-"""The demo dataset: its configuration and presets, the plan of which clip is which, the parallel writer, and
-the small FFmpeg video writer used by the demo, the tests and the benchmarks (clips are rendered by
-`arena.demo_render`)."""
+"""The demo dataset: its configuration and presets, the plan of which clip is which (and which manipulation
+family each fake gets), the parallel writer, and the small FFmpeg video writer used by the demo, the tests and the
+benchmarks (clips are rendered by `arena.demo_render`)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from arena.demo_render import ClipParams, draw_clip_params, render_clip
+from arena.demo_render import ClipParams, SpliceParams, draw_clip_params, draw_splice_params, render_clip, render_splice
 from arena.errors import ArenaError, OptionError
 
 
@@ -93,6 +93,12 @@ def write_video(
 # ---------------------------------------------------------------------------------------------------------------
 
 Preset = Literal["demo", "competition"]
+FakeMethod = Literal["blend", "splice", "mixed"]
+
+#: The manipulation families (`arena.demo_render`): ``blend`` = a self-blended copy of the frame (SBI-style, the
+#: default); ``splice`` = another scene's region, generator-upsampled and colour-transferred. ``mixed`` alternates
+#: them over the fakes of a set (the first fake ``blend``), so both are present in equal numbers.
+FAKE_METHODS = ("blend", "splice")
 
 #: Defaults per preset. "competition" mimics the real dataset (600 train + 200 test, ~700 MB in all).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -124,6 +130,10 @@ class DemoConfig:
             the j-th fake from the j-th real's scene), as SBI derives fakes from reals and as competition sets
             hold several videos of one source. The two differ only inside the blend region, which is what makes
             the local cue learnable from few clips. ``False`` gives every video its own scene.
+        fake_method: manipulation family of the training fakes: ``blend``, ``splice`` or ``mixed`` (see
+            `FAKE_METHODS`). A ``blend`` fake is byte-for-byte the same whatever the other fakes are.
+        test_fake_method: the same for the test fakes; ``None`` = ``fake_method``. ``blend`` for training and
+            ``mixed`` for the test gives a held-out family that training never saw.
     """
 
     n_train_real: int = 100
@@ -137,6 +147,8 @@ class DemoConfig:
     crf: int = 18
     gop: int | None = None
     paired: bool = True
+    fake_method: FakeMethod = "blend"
+    test_fake_method: FakeMethod | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_train_real", "n_train_fake", "n_test"):
@@ -156,6 +168,11 @@ class DemoConfig:
             raise OptionError(f"difficulty must be in [0, 1] (0 obvious, 1 subtle), got {self.difficulty!r}.")
         if not 0 <= self.crf <= 51:
             raise OptionError(f"crf must be in [0, 51], got {self.crf!r}.")
+        choices = (*FAKE_METHODS, "mixed")
+        for name in ("fake_method", "test_fake_method"):
+            value = getattr(self, name)
+            if value not in choices and not (value is None and name == "test_fake_method"):
+                raise OptionError(f"Unknown {name} {value!r}. Supported values are {', '.join(choices)}.")
 
     @property
     def num_frames(self) -> int:
@@ -185,6 +202,8 @@ class _Job:
     crf: int
     gop: int
     original: str = ""  # the real whose scene a paired fake was rendered from (its file name), else ""
+    method: str = ""  # a fake's manipulation family (one of FAKE_METHODS); "" for a real
+    splice: SpliceParams | None = None  # the donor and generator of a splice fake
 
 
 def _clip_rng(seed: int, group: int, index: int) -> np.random.Generator:
@@ -192,10 +211,23 @@ def _clip_rng(seed: int, group: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(group, index)))
 
 
+def _family(choice: str, ordinal: int) -> str:
+    """The family of the ``ordinal``-th fake of a set under ``choice`` (``mixed`` alternates, blend first)."""
+    return FAKE_METHODS[ordinal % len(FAKE_METHODS)] if choice == "mixed" else choice
+
+
 def plan_dataset(config: DemoConfig) -> list[_Job]:
     """The list of videos to write (path relative to OUT, label, parameters); a pure function of ``config``."""
     gop = config.gop or max(1, int(round(config.fps)))
     common = dict(size=config.size, num_frames=config.num_frames, difficulty=config.difficulty)
+
+    def manipulation(choice: str, ordinal: int, group: int) -> dict[str, Any]:
+        # Splice donors come from streams of their own (groups 4 and 5), so the scenes of every clip, and every
+        # blend fake, are the same whichever family the other fakes get.
+        method = _family(choice, ordinal)
+        splice = draw_splice_params(_clip_rng(config.seed, group, ordinal), **common) if method == "splice" else None
+        return dict(method=method, splice=splice)
+
     jobs: list[_Job] = []
     for i in range(config.n_train_real):
         p = draw_clip_params(_clip_rng(config.seed, 0, i), **common)
@@ -204,19 +236,23 @@ def plan_dataset(config: DemoConfig) -> list[_Job]:
         paired = config.paired and i < config.n_train_real
         p = draw_clip_params(_clip_rng(config.seed, 0 if paired else 1, i), **common)
         jobs.append(_Job(f"train/fake/fake_{i + 1:04d}.mp4", 1, p, config.fps, config.crf, gop,
-                         original=f"train/real/real_{i + 1:04d}.mp4" if paired else ""))
+                         original=f"train/real/real_{i + 1:04d}.mp4" if paired else "",
+                         **manipulation(config.fake_method, i, 4)))
     n_fake = config.n_test // 2
     labels = np.array([0] * (config.n_test - n_fake) + [1] * n_fake)
     labels = _clip_rng(config.seed, 3, 0).permutation(labels)  # names carry no label
     seen = {0: 0, 1: 0}
     reals = [f"test/test_{i + 1:04d}.mp4" for i, label in enumerate(labels) if label == 0]
+    test_choice = config.test_fake_method or config.fake_method
     for i, label in enumerate(labels):
         # paired: the j-th fake reuses the scene of the j-th real; otherwise every video has a scene of its own
-        scene = seen[int(label)] if config.paired else i
+        ordinal = seen[int(label)]
+        scene = ordinal if config.paired else i
         seen[int(label)] += 1
         p = draw_clip_params(_clip_rng(config.seed, 2, scene), **common)
         original = reals[scene] if config.paired and label == 1 and scene < len(reals) else ""
-        jobs.append(_Job(f"test/test_{i + 1:04d}.mp4", int(label), p, config.fps, config.crf, gop, original))
+        fake = manipulation(test_choice, ordinal, 5) if label == 1 else {}
+        jobs.append(_Job(f"test/test_{i + 1:04d}.mp4", int(label), p, config.fps, config.crf, gop, original, **fake))
     return jobs
 
 
@@ -224,7 +260,10 @@ def _write_job(job: _Job, out: str) -> tuple[str, int]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread per worker: the pool provides the parallelism, and results stay exact
     try:
-        frames = render_clip(job.params, fake=bool(job.label))
+        if job.splice is not None:
+            frames = render_splice(job.params, job.splice)
+        else:
+            frames = render_clip(job.params, fake=bool(job.label))
     finally:
         torch.set_num_threads(threads)  # in-process generation must not change the caller's thread count
     path = Path(out) / job.relpath
@@ -252,6 +291,8 @@ def generate_dataset(
     preset: Preset | None = None,
     crf: int | None = None,
     paired: bool = True,
+    fake_method: FakeMethod = "blend",
+    test_fake_method: FakeMethod | None = None,
     workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -260,15 +301,17 @@ def generate_dataset(
 
     Layout written into ``out`` (every filename in the CSVs is the POSIX path relative to ``out``)::
 
-        train_labels.csv   filename,label,original   (train/real/real_0001.mp4,0, / train/fake/fake_0001.mp4,1,
-                           train/real/real_0001.mp4; 1 = fake; original: the real a paired fake was made from)
+        train_labels.csv   filename,label,original,method   (train/real/real_0001.mp4,0,, / train/fake/fake_0001.mp4,
+                           1,train/real/real_0001.mp4,blend; 1 = fake; original: the real whose scene a paired fake
+                           keeps; method: a fake's manipulation family, empty for a real)
         test_public.csv    filename         (test/test_0001.mp4 ...; names and order do not reveal the label)
-        test_labels.csv    filename,label,original   (the test answers and sources: for scoring only)
+        test_labels.csv    filename,label,original,method   (the test answers, sources and families: scoring only)
         demo_manifest.json the config and every clip's parameters (provenance)
         train/real/*.mp4, train/fake/*.mp4, test/*.mp4
 
     Options left ``None`` come from ``preset`` (default ``"demo"``). ``size`` is ``(height, width)``. See
-    ``DemoConfig`` for the meaning of each option (``paired``: fakes share scenes with reals).
+    ``DemoConfig`` for the meaning of each option (``paired``: fakes share scenes with reals; ``fake_method`` and
+    ``test_fake_method``: the manipulation families of the training and the test fakes).
 
     Args:
         out: output folder; must be empty or absent unless ``overwrite``.
@@ -281,7 +324,8 @@ def generate_dataset(
     """
     config = DemoConfig.from_preset(preset or "demo", n_train_real=n_train_real, n_train_fake=n_train_fake,
                                     n_test=n_test, seconds=seconds, size=size, fps=fps, seed=seed,
-                                    difficulty=difficulty, crf=crf, paired=paired)
+                                    difficulty=difficulty, crf=crf, paired=paired, fake_method=fake_method,
+                                    test_fake_method=test_fake_method)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OptionError(f"{out} exists and is not a folder. Choose another OUT.")
@@ -315,16 +359,17 @@ def generate_dataset(
     train = [j for j in jobs if j.relpath.startswith("train/")]
     test = [j for j in jobs if j.relpath.startswith("test/")]
     # `original` names each paired fake's source (empty for reals and unpaired fakes): `arena split` keeps the
-    # two on one side, and near-duplicate detection (`arena.groups`) can be scored against it.
-    _write_csv(out / "train_labels.csv", ["filename", "label", "original"],
-               [(j.relpath, j.label, j.original) for j in train])
+    # two on one side, and near-duplicate detection (`arena.groups`) can be scored against it. `method` lets a
+    # benchmark score each manipulation family apart (the layout scan ignores columns it does not know).
+    header = ["filename", "label", "original", "method"]
+    _write_csv(out / "train_labels.csv", header, [(j.relpath, j.label, j.original, j.method) for j in train])
     _write_csv(out / "test_public.csv", ["filename"], [(j.relpath,) for j in test])
-    _write_csv(out / "test_labels.csv", ["filename", "label", "original"],
-               [(j.relpath, j.label, j.original) for j in test])
+    _write_csv(out / "test_labels.csv", header, [(j.relpath, j.label, j.original, j.method) for j in test])
     manifest = {
         "generator": "arena.demo.generate_dataset",
         "config": asdict(config),
-        "clips": [{"filename": j.relpath, "label": j.label, "params": j.params.to_dict()} for j in jobs],
+        "clips": [{"filename": j.relpath, "label": j.label, "method": j.method, "params": j.params.to_dict(),
+                   **({"splice": j.splice.to_dict()} if j.splice is not None else {})} for j in jobs],
     }
     (out / "demo_manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     total = sum(sizes.values())
@@ -334,6 +379,7 @@ def generate_dataset(
         "n_train_fake": config.n_train_fake,
         "n_test": config.n_test,
         "n_test_fake": sum(j.label for j in test),
+        "fakes_by_method": {m: sum(j.method == m for j in jobs) for m in FAKE_METHODS},
         "num_frames": config.num_frames,
         "total_bytes": total,
         "seconds_taken": time.perf_counter() - start,

@@ -1,9 +1,16 @@
-"""Rendering the demo's clips: procedural scenes with fine grain, a moving camera, and SBI-style fakes.
+"""Rendering the demo's clips: procedural scenes with fine grain, a moving camera, and two families of fakes.
 
 ``render_clip(params, fake=...)`` is a pure function of `ClipParams` (drawn by `draw_clip_params` from a seeded
-generator), so a clip is the same whichever process renders it. Fakes blend a colour-shifted, down- and
-up-resampled, slightly warped copy of the frame into a soft, drifting, face-sized region: the grain is wiped there
-and a boundary is left, while codec, size, length and global colour statistics stay those of the real clip.
+generator), so a clip is the same whichever process renders it. Two manipulation families, both confined to a
+soft, drifting, face-sized region, with codec, size, length and global colour statistics those of the real clip:
+
+- ``blend`` (`render_clip`): a colour-shifted, down- and up-resampled, slightly warped copy of the frame itself
+  (SBI-style): the grain is wiped in the region and a boundary is left.
+- ``splice`` (`render_splice`): the region of *another* scene (a donor video), passed through a generator-style
+  upsampler (a stride-2 transposed convolution whose uneven kernel leaves a period-2 checkerboard instead of the
+  camera grain) and colour-transferred to the target region's mean and spread, as face-swap pipelines do. Self-
+  blending never produces foreign content, colour transfer or that periodic pattern: a detector trained on
+  self-blended fakes meets it as an unseen family.
 """
 
 from __future__ import annotations
@@ -244,6 +251,17 @@ def render_clip(params: ClipParams, *, fake: bool = False, return_mask: bool = F
     ``return_mask=True`` the masks ``float32 [T, H, W]`` come back too (zeros for a real clip's blend, but the
     mask that *would* be used is returned either way, so tests can compare both renderings).
     """
+    frames = _render_scene(params)
+    # A real clip never uses the mask (computing it anyway cost ~40 % of a real clip's render time).
+    mask = blend_masks(params) if fake or return_mask else None
+    if fake:
+        frames = _paste(frames, _manipulated_copy(frames, params), mask)
+    out = _to_uint8(frames)
+    return (out, mask.numpy()) if return_mask else out
+
+
+def _render_scene(params: ClipParams) -> torch.Tensor:
+    """The pristine clip ``float32 [T, 3, H, W]`` (about 0..1, not yet clamped): camera, lighting, sensor noise."""
     h, w = params.size
     canvas_shape = (int(math.ceil(h * 1.5)) + 8, int(math.ceil(w * 1.5)) + 8)
     canvas = _make_canvas(params, canvas_shape)
@@ -257,12 +275,103 @@ def render_clip(params: ClipParams, *, fake: bool = False, return_mask: bool = F
     frames = frames * gain + tint
     # Sensor noise before the manipulation: a real swap replaces the camera's noise in the region as well.
     g = torch.Generator().manual_seed(params.seed + 3)
-    frames = frames + params.sensor_noise * torch.randn(frames.shape, generator=g)
-    # A real clip never uses the mask (computing it anyway cost ~40 % of a real clip's render time).
-    mask = blend_masks(params) if fake or return_mask else None
-    if fake:
-        src = _manipulated_copy(frames, params)
-        m = mask.unsqueeze(1)
-        frames = torch.where(m > 0, frames * (1 - m) + src * m, frames)
-    out = (frames.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    return frames + params.sensor_noise * torch.randn(frames.shape, generator=g)
+
+
+def _paste(frames: torch.Tensor, src: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``src`` blended into ``frames`` under ``mask [T, H, W]``; pixels where the mask is 0 keep their exact value."""
+    m = mask.unsqueeze(1)
+    return torch.where(m > 0, frames * (1 - m) + src * m, frames)
+
+
+def _to_uint8(frames: torch.Tensor) -> np.ndarray:
+    return (frames.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The splice family: another scene's region, generator-upsampled and colour-transferred.
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SpliceParams:
+    """What a ``splice`` fake adds to the target clip's `ClipParams` (whose mask it uses).
+
+    The donor is a scene of its own (drawn from its own seed stream, never a video of the dataset), so a splice
+    fake shares content with exactly one dataset video: the real whose scene it keeps (its ``original``).
+    """
+
+    donor: ClipParams                # the scene the region's content comes from
+    steps: int                       # generator upsampling steps of x2 (the region is made at 1/2**steps size)
+    kernel: tuple[float, float, float]  # 1-D taps of the transposed convolution (uneven: the checkerboard)
+    transfer: float                  # colour transfer strength, 1 = the target region's mean and spread exactly
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def draw_splice_params(rng: np.random.Generator, *, size: tuple[int, int], num_frames: int,
+                       difficulty: float = 0.1) -> SpliceParams:
+    """Draw a splice's donor scene and generator; ``difficulty`` weakens the checkerboard and the colour mismatch."""
+    d = float(difficulty)
+    donor = draw_clip_params(rng, size=size, num_frames=num_frames, difficulty=difficulty)
+    # Even output pixels get the centre tap, odd ones the two side taps: a relative gain mismatch of about
+    # +-checker between them, a period-2 pattern of 0.01-0.025 on mid-grey (the grain it replaces is 0.06-0.08).
+    checker = float(rng.uniform(0.02, 0.05) * (1.0 - 0.5 * d) * rng.choice([-1.0, 1.0]))
+    tilt = float(rng.uniform(-0.05, 0.05))  # uneven side taps: a sub-pixel shift, as a learnt kernel has
+    return SpliceParams(
+        donor=donor,
+        # a face generator works at 64-256 px: x2 for small frames, x2 or x4 from 192 px up
+        steps=1 if min(size) < 192 else int(rng.integers(1, 3)),
+        kernel=(0.5 * (1 - checker) + tilt, 1.0 + checker, 0.5 * (1 - checker) - tilt),
+        transfer=float(1.0 - rng.uniform(0.0, 0.1) * (1.0 - d)),
+    )
+
+
+def _generator_upsample(frames: torch.Tensor, kernel: tuple[float, float, float], steps: int) -> torch.Tensor:
+    """Down to ``1/2**steps`` (antialiased), then ``steps`` stride-2 transposed convolutions back to full size."""
+    h, w = frames.shape[-2:]
+    f = 2**steps
+    x = F.interpolate(frames, size=(max(2, -(-h // f)), max(2, -(-w // f))), mode="bilinear", align_corners=False,
+                      antialias=True)
+    k = torch.tensor(kernel, dtype=torch.float32)
+    k2 = torch.outer(k, k) / (k.sum() / 2) ** 2  # phases average a gain of 1: no global brightness change
+    weight = k2.expand(3, 1, 3, 3).contiguous()
+    for _ in range(steps):
+        # replicate padding: the last row and column get both side taps, as inside (no dark frame edge)
+        x = F.conv_transpose2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), weight, stride=2, padding=1,
+                               output_padding=1, groups=3)[..., 2:-2, 2:-2]
+    return x[..., :h, :w]
+
+
+def _colour_transfer(src: torch.Tensor, tgt: torch.Tensor, weight: torch.Tensor, strength: float) -> torch.Tensor:
+    """``src`` with the per-channel mean and spread of ``tgt`` under ``weight [T, H, W]`` (Reinhard-style, one
+    transform per clip), mixed with the untransferred ``src`` by ``1 - strength``."""
+    w = weight.unsqueeze(1)
+    total = w.sum().clamp_min(1e-6)
+
+    def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = (x * w).sum(dim=(0, 2, 3), keepdim=True) / total
+        var = (((x - mean) ** 2) * w).sum(dim=(0, 2, 3), keepdim=True) / total
+        return mean, var.sqrt().clamp_min(1e-3)
+
+    (ms, ss), (mt, st) = stats(src), stats(tgt)
+    moved = (src - ms) * (st / ss) + mt
+    return strength * moved + (1.0 - strength) * src
+
+
+def render_splice(params: ClipParams, splice: SpliceParams, *, return_mask: bool = False
+                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Render a ``splice`` fake as uint8 ``[T, H, W, 3]``: ``params``' scene (the one its real shows) with the
+    donor's region, generator-upsampled and colour-transferred, pasted under ``params``' blend mask.
+
+    Identical to ``render_clip(params)`` wherever the mask is 0; ``return_mask`` also returns the masks.
+    """
+    if splice.donor.size != params.size or splice.donor.num_frames != params.num_frames:
+        raise ValueError(f"the donor scene is {splice.donor.size} x {splice.donor.num_frames} frames, the target "
+                         f"{params.size} x {params.num_frames}; draw both with the same size and num_frames")
+    frames = _render_scene(params)
+    mask = blend_masks(params)
+    src = _generator_upsample(_render_scene(splice.donor), splice.kernel, splice.steps)
+    src = _colour_transfer(src, frames, mask, splice.transfer)
+    out = _to_uint8(_paste(frames, src, mask))
     return (out, mask.numpy()) if return_mask else out

@@ -37,8 +37,9 @@ def test_layout_counts_and_csvs(tiny):
     assert len(list((out / "train/fake").glob("*.mp4"))) == 3
     assert len(list((out / "test").glob("*.mp4"))) == 4
     train = _read_csv(out / "train_labels.csv")
-    assert [set(r) for r in train[:1]] == [{"filename", "label", "original"}]
+    assert [set(r) for r in train[:1]] == [{"filename", "label", "original", "method"}]
     assert sorted(r["label"] for r in train) == ["0"] * 3 + ["1"] * 3
+    assert all(r["method"] == ("blend" if r["label"] == "1" else "") for r in train)  # the default family
     names = {r["filename"] for r in train if r["label"] == "0"}
     for r in train:  # a fake names the real it was rendered from (paired scenes); a real has no source
         assert (r["original"] in names) if r["label"] == "1" else r["original"] == ""

@@ -77,23 +77,33 @@ def _parse_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--crf", type=int, default=None, help="x264 quality (same for reals and fakes).")
 @click.option("--unpaired", is_flag=True, help="Give every fake a scene of its own (default: fake i is made from "
                                                "the scene of real i, as SBI makes fakes from reals).")
+@click.option("--fake-method", type=click.Choice(["blend", "splice", "mixed"]), default="blend", show_default=True,
+              help="Manipulation family of the fakes: blend = a self-blended copy of the frame (SBI-style); splice = "
+                   "another scene's region, generator-upsampled and colour-transferred; mixed = both, alternating. "
+                   "The family of each fake is the method column of train_labels.csv and test_labels.csv.")
+@click.option("--test-fake-method", type=click.Choice(["blend", "splice", "mixed"]), default=None,
+              help="Family of the test fakes (default: --fake-method). --fake-method blend --test-fake-method mixed "
+                   "holds out a family that training never sees.")
 @click.option("--workers", type=int, default=None, help="Processes (default: all CPU cores).")
 @click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
 def demo_data(out: str, preset: str, seed: int, n_train: int | None, n_test: int | None, seconds: float | None,
               size: tuple[int, int] | None, fps: float | None, difficulty: float, crf: int | None, unpaired: bool,
-              workers: int | None, force: bool) -> None:
-    """Write a synthetic deepfake dataset (competition layout, SBI-style fakes) into OUT."""
+              fake_method: str, test_fake_method: str | None, workers: int | None, force: bool) -> None:
+    """Write a synthetic deepfake dataset (competition layout, SBI-style or spliced fakes) into OUT."""
     from arena.demo import generate_dataset
 
     summary = generate_dataset(out, n_train_real=n_train, n_train_fake=n_train, n_test=n_test, seconds=seconds,
                                size=size, fps=fps, seed=seed, difficulty=difficulty, preset=preset, crf=crf,
-                               paired=not unpaired, workers=workers, overwrite=force)
+                               paired=not unpaired, fake_method=fake_method, test_fake_method=test_fake_method,
+                               workers=workers, overwrite=force)
     cfg = summary["config"]
     h, w = cfg["size"]
+    families = ", ".join(f"{n} {m}" for m, n in summary["fakes_by_method"].items() if n)
     click.echo(f"wrote {summary['n_train_real']} real + {summary['n_train_fake']} fake train, "
                f"{summary['n_test']} test ({summary['n_test_fake']} fake) videos, {w}x{h}, "
                f"{summary['num_frames']} frames at {cfg['fps']:g} fps, "
-               f"{summary['total_bytes'] / 1e6:.1f} MB in {summary['seconds_taken']:.1f} s -> {summary['out']}")
+               f"{summary['total_bytes'] / 1e6:.1f} MB in {summary['seconds_taken']:.1f} s -> {summary['out']}"
+               + (f" (fakes: {families})" if families else ""))
 
 
 def _parse_counts(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int, int] | None:
