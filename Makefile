@@ -5,7 +5,9 @@ SHELL := /bin/bash
 PYTHON      ?= python3
 VENV        ?= .venv
 BIN         := $(VENV)/bin
-ARENA       := $(BIN)/arena
+# Every stage runs through tools/stage.sh: its exit 3 (done, some videos skipped and listed) does not stop a chained
+# recipe; 1 and 2 do. ARENA_STRICT=1 makes exit 3 stop it too.
+ARENA       := tools/stage.sh $(BIN)/arena
 
 DATA        ?= archive
 CACHE       ?= cache/features.h5
@@ -31,7 +33,8 @@ DEMO_SUB    := $(DEMO_DIR)/SUBMISSION_DIRECTORY/PREDICTIONS.CSV
 
 STAMP := $(VENV)/.arena-installed
 
-.PHONY: help setup test lint demo features tune-head frame-test train-full submit evaluate doctor bench bench-scaling clean-demo
+.PHONY: help setup test lint demo features tune-head frame-test train-full train-folds submit evaluate doctor bench \
+	bench-scaling clean-demo
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -76,6 +79,10 @@ frame-test: setup  ## only the frame-count test (needs a tuned head)
 
 train-full: setup  ## fine-tune backbone + head end to end (resumes with TRAIN_ARGS=--resume)
 	$(ARENA) train-full --data $(DATA) --models $(MODELS) --device $(DEVICE) --workers $(WORKERS) $(WEIGHTS) $(TRAIN_ARGS)
+
+train-folds: setup  ## fine-tune every fold of a K-fold split (arena split --folds K) -> MODELS/folds/fold_<i>
+	$(ARENA) train-full --fold all --data $(DATA) --models $(MODELS) --device $(DEVICE) --workers $(WORKERS) \
+	  $(WEIGHTS) $(TRAIN_ARGS)
 
 submit: setup  ## full-video TTA inference on the test set -> $(SUBMISSION), verified against the cache
 	$(ARENA) submit --data $(DATA) --models $(MODELS) --out $(SUBMISSION) --device $(DEVICE) --workers $(WORKERS) \
