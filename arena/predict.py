@@ -3,7 +3,8 @@
 The full-video path uses `arena.clips.ClipDataset` (decode + TTA views in DataLoader workers) and
 `arena.clips.encode_views` (the backbone), the very functions that fill the feature cache, so the submission and
 the cache see identical frames. The head is applied by `head_probabilities`, the one function used on the full
-path's features and on cached features alike (see `arena.verify`).
+path's features and on cached features alike (see `arena.verify`); heads that read one encoder's features (an
+ensemble's fold heads, `arena.ensemble`) share its backbone pass (`Predictor`).
 
 Every video gets a prediction: an out-of-memory error walks a fallback chain (clear the cache and retry, then 16
 frames, then one TTA variant, then p_fake = 0.5 with the error recorded); an undecodable video gets 0.5 and its
@@ -16,7 +17,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +34,14 @@ from arena.faces import modes as crop_modes
 from arena.faces.modes import face_cropper
 from arena.hardware import empty_cuda_cache, is_oom
 from arena.model import create_encoder
-from arena.models_folder import BEST_HEAD_FILE, DetectorCheckpoint, HeadCheckpoint, find_finetuned, resolve_frames
+from arena.models_folder import (
+    BEST_HEAD_FILE,
+    FINETUNED_SUFFIX,
+    DetectorCheckpoint,
+    HeadCheckpoint,
+    find_finetuned,
+    resolve_frames,
+)
 from arena.runtime import Precision, autocast_dtype
 from arena.tta import VARIANTS
 
@@ -100,13 +108,20 @@ def _prov_get(prov: Any, name: str) -> Any:
     return prov[name] if isinstance(prov, dict) else getattr(prov, name)
 
 
-def recreate_encoder(prov: Any, *, device: torch.device | str = "cpu") -> torch.nn.Module:
+def recreate_encoder(prov: Any, *, device: torch.device | str = "cpu", encoders: dict | None = None
+                     ) -> torch.nn.Module:
     """The encoder a cache's provenance (a dict or a ``Provenance``) describes: backbone, weights source and seed,
     input size; its weights hash is checked against the cache's.
+
+    ``encoders`` (a dict the caller keeps) returns the encoder already recreated for the same provenance: heads
+    tuned on one cache (the folds of a K-fold study) then share one encoder, in memory and in the backbone pass.
 
     Raises:
         PredictError: the weights cannot be had here, or the recreated weights differ from the cache's.
     """
+    memo_key = tuple(str(_prov_get(prov, n)) for n in ("backbone", "weights_source", "weights_hash", "input_size"))
+    if encoders is not None and memo_key in encoders:
+        return encoders[memo_key]
     backbone = str(_prov_get(prov, "backbone"))
     source = str(_prov_get(prov, "weights_source"))
     size = tuple(int(s) for s in _prov_get(prov, "input_size"))
@@ -136,7 +151,10 @@ def recreate_encoder(prov: Any, *, device: torch.device | str = "cpu") -> torch.
             f"{want_hash[:12]}: the head was tuned on other features. Use the same weights (or rebuild the cache and "
             "rerun tune-head)."
         )
-    return _prepare(encoder, device)
+    encoder = _prepare(encoder, device)
+    if encoders is not None:
+        encoders[memo_key] = encoder
+    return encoder
 
 
 def _prepare(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
@@ -172,12 +190,14 @@ def load_model(
     crop: str | None = None,
     max_faces: int | None = None,
     calibration: bool = True,
+    encoders: dict | None = None,
 ) -> LoadedModel:
     """The submission model: the fine-tuned checkpoint when present, else the head-only model.
 
     Args:
         models: the models folder (``<backbone>_best.pt`` of train-full, ``best_head.pt`` of tune-head,
-            ``frame_test.json``); `arena.models_folder` names and reads them.
+            ``frame_test.json``; `arena.models_folder` names and reads them), or one of those two checkpoint files
+            (`checkpoint_kind`), its frame count read from its folder's ``frame_test.json``.
         kind: ``auto`` (fine-tuned if its checkpoint exists, else head-only), ``finetuned`` or ``head-only``.
         frames: frames per video; default from ``frame_test.json``, else 24 (`resolve_frames`).
         tta: average the five TTA variants (else the original frames only).
@@ -185,18 +205,25 @@ def load_model(
         crop: ``none`` or ``faces``: must be the crop mode the model was trained with (None: the model's).
         max_faces: face tracks scored per video (face-crop models); None: the model's setting, else 1.
         calibration: apply the checkpoint's temperature (T = 1 when it has none); False: T = 1 (``--no-calibration``).
+        encoders: head-only: share recreated encoders between calls (`recreate_encoder`).
 
     Raises:
-        ModelsError: no model, or a checkpoint that is unsafe, incomplete or does not fit its configuration.
+        ModelsError: no model, or a checkpoint that is unsafe, incomplete, of another kind or does not fit its
+            configuration.
         PredictError: ``crop`` differs from the model's crop mode.
         PredictError: the head-only model's encoder cannot be recreated exactly.
     """
     if kind not in MODEL_KINDS:
         raise OptionError(f"Invalid model kind ({kind}). Supported values are {', '.join(MODEL_KINDS)}.")
     models = Path(models)
-    k, k_source = resolve_frames(models, frames)
+    k, k_source = resolve_frames(models.parent if models.is_file() else models, frames)
     variants = tuple(VARIANTS) if tta else tuple(VARIANTS[:1])
     ft_path, head_path = find_finetuned(models), models / BEST_HEAD_FILE
+    if models.is_file():
+        file_kind = checkpoint_kind(models)
+        if kind not in ("auto", file_kind):
+            raise ModelsError(f"{models} is a {file_kind} checkpoint, but --model {kind} was asked for.")
+        kind, ft_path, head_path = file_kind, models, models
     if kind == "auto":
         if ft_path is not None:
             kind = "finetuned"
@@ -227,7 +254,7 @@ def load_model(
                           f"{HeadCheckpoint.RERUN}.")
     model_crop = dict(prov.get("crop") or NO_CROP)
     _check_crop(head_path, model_crop, crop)
-    encoder = recreate_encoder(prov, device=device)
+    encoder = recreate_encoder(prov, device=device, encoders=encoders)
     info = {"kind": "head-only", "checkpoint": str(head_path), "backbone": prov.get("backbone"),
             "weights_source": prov.get("weights_source"), "weights_hash": prov.get("weights_hash"),
             "head": ckpt.config, "crop": model_crop, "calibration": ckpt.calibration}
@@ -235,6 +262,23 @@ def load_model(
     return LoadedModel("head-only", encoder, ckpt.build().to(device), k, k_source, variants, head_path,
                        round_fp16=True, cache_provenance=prov, info=info, crop=model_crop,
                        max_faces=_max_faces(model_crop, max_faces), temperature=t)
+
+
+def checkpoint_kind(path: str | Path) -> Literal["finetuned", "head-only"]:
+    """``head-only`` for tune-head's ``best_head.pt``, ``finetuned`` for train-full's ``<backbone>_best.pt``.
+
+    Raises:
+        ModelsError: the file is missing or is neither (``last.pt`` is train-full's resume state, not a model).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelsError(f"{path}: checkpoint not found.")
+    if path.name == BEST_HEAD_FILE:
+        return "head-only"
+    if path.name.endswith(FINETUNED_SUFFIX):
+        return "finetuned"
+    raise ModelsError(f"{path}: not a model checkpoint; give tune-head's {BEST_HEAD_FILE} or train-full's "
+                      f"<backbone>{FINETUNED_SUFFIX}.")
 
 
 def _temperature(info: dict, calibration: bool) -> float:
@@ -396,38 +440,53 @@ class PredictRun:
         return lines
 
 
-class _Predictor:
-    """Runs backbone + head on one decoded clip, walking the OOM fallback chain."""
+class Predictor:
+    """Runs one backbone pass and the head of every model on one decoded clip, walking the OOM fallback chain.
 
-    def __init__(self, model: LoadedModel, *, device: torch.device, frame_batch: int, precision: Precision,
-                 keep_features: bool) -> None:
-        self.model, self.device, self.frame_batch, self.precision = model, device, frame_batch, precision
-        self.keep_features = keep_features
+    The models share the encoder (one set of weights: heads tuned on one cache), the frames, the TTA variants and
+    the crop, so a clip costs one backbone pass however many heads read its features.
+    """
+
+    def __init__(self, models: Sequence[LoadedModel], *, device: torch.device, frame_batch: int,
+                 precision: Precision, keep_features: Sequence[bool]) -> None:
+        # Options no video could run with are the user's fault, not one video's failure: refused here.
+        if frame_batch < 1:
+            raise OptionError(f"--frame-batch must be >= 1, got {frame_batch}.")
+        autocast_dtype(device, precision)
+        self.models, self.device, self.frame_batch, self.precision = list(models), device, frame_batch, precision
+        self.model = self.models[0]
+        self.keep_features = list(keep_features)
         self.frames_encoded = 0
-        self.faces = face_cropper(model.crop, device, max_faces=model.max_faces)  # for the 16-frame fallback
+        self.faces = face_cropper(self.model.crop, device, max_faces=self.model.max_faces)  # 16-frame fallback
 
-    def _compute(self, views: torch.Tensor, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                         np.ndarray]:
-        """P(fake) per variant at the model's temperature and at 1, attention and features."""
+    def _compute(self, views: torch.Tensor, valid: np.ndarray) -> tuple[list[tuple[np.ndarray, ...]], np.ndarray]:
+        """Per model: P(fake) per variant at its temperature and at 1, and attention; and the shared features."""
         feats = encode_views(self.model.encoder, views, device=self.device, frame_batch=self.frame_batch,
                              precision=self.precision)
-        p, attn = head_probabilities(self.model.head, feats, valid, device=self.device,
-                                     round_fp16=self.model.round_fp16, temperature=self.model.temperature)
-        p1 = p if self.model.temperature == 1.0 else head_probabilities(
-            self.model.head, feats, valid, device=self.device, round_fp16=self.model.round_fp16)[0]
         self.frames_encoded += int(views.shape[0] * views.shape[1])
-        return p, p1, attn, feats.numpy()
+        out = []
+        for m in self.models:
+            p, attn = head_probabilities(m.head, feats, valid, device=self.device, round_fp16=m.round_fp16,
+                                         temperature=m.temperature)
+            p1 = p if m.temperature == 1.0 else head_probabilities(
+                m.head, feats, valid, device=self.device, round_fp16=m.round_fp16)[0]
+            out.append((p, p1, attn))
+        return out, feats.numpy()
 
     def _decode(self, item: Any, frames: int, variants: Sequence[str]) -> ClipViews:
         return ClipDataset([item], size=self.model.encoder.input_size, variants=variants, frames=frames,
                            faces=self.faces)[0]
 
-    def __call__(self, clip: ClipViews, item: Any) -> VideoPrediction:
+    def __call__(self, clip: ClipViews, item: Any) -> list[VideoPrediction]:
         k = self.model.frames
         variants = self.model.variants
+
+        def failed(fallback: str, error: str) -> list[VideoPrediction]:
+            return [failed_prediction(clip.key, label=clip.label, frames=k, fallback=fallback, error=error)
+                    for _ in self.models]
+
         if clip.views is None:
-            return failed_prediction(clip.key, label=clip.label, frames=k, fallback="0.5 (decode failed)",
-                                     error=clip.message)
+            return failed("0.5 (decode failed)", clip.message)
         # (name, how to get the clip, which variants): each step runs only after the previous ran out of memory.
         steps: list[tuple[str, Callable[[], Any], tuple[str, ...]]] = [
             ("none", lambda: clip, variants),
@@ -447,46 +506,40 @@ class _Predictor:
                         continue
                     current = fresh
                 views = current.views[: len(step_variants)]
-                p, p1, attn, feats = self._compute(views, current.valid)
+                heads, feats = self._compute(views, current.valid)
                 # Other face tracks (--max-faces): each scored alike; the video is as fake as its most fake face.
-                others = [self._compute(t[: len(step_variants)], current.valid)[:2] for t in current.track_views]
-                track_p = [float(np.mean(p))] + [float(np.mean(o[0])) for o in others]
-                track_p1 = [float(np.mean(p1))] + [float(np.mean(o[1])) for o in others]
+                others = [self._compute(t[: len(step_variants)], current.valid)[0] for t in current.track_views]
             except Exception as exc:  # noqa: BLE001 - one bad video must not end the run; recorded below
                 text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
                 if not is_oom(exc):
                     log.warning("%s: %s; p_fake = 0.5", clip.key, text)
-                    return failed_prediction(clip.key, label=clip.label, frames=k, fallback="0.5 (error)",
-                                             error="; ".join([*errors, text]))
+                    return failed("0.5 (error)", "; ".join([*errors, text]))
                 errors.append(f"{name}: {text}")
                 del exc  # drop the traceback's references to the failed step's tensors before emptying the cache
                 empty_cuda_cache()
                 log.warning("%s: out of memory (step %s); cache cleared, trying the next fallback.", clip.key, name)
                 continue
             valid = np.asarray(current.valid, dtype=bool)
-            return VideoPrediction(
-                key=clip.key,
-                p_fake=float(np.clip(max(track_p), 0.0, 1.0)),
-                variant_p={v: float(x) for v, x in zip(step_variants, p, strict=True)},
-                label=clip.label,
-                frames_requested=k,
-                frames_used=int(views.shape[1]),
-                distinct_frames=int(valid.sum()),
-                num_source_frames=int(current.num_source_frames),
-                frame_indices=np.asarray(current.frame_indices),
-                valid=valid,
-                attention=attn[0],
-                fallback=name,
-                status=current.status,
-                error="; ".join([*errors, *([current.message] if current.message else [])]),
-                features=feats if self.keep_features else None,
-                track_p=track_p if current.faces_found is not None else [],
-                faces_found=current.faces_found,
-                boxes=None if current.boxes is None else current.boxes[0],
-                p_uncalibrated=float(np.clip(max(track_p1), 0.0, 1.0)),
-            )
-        return failed_prediction(clip.key, label=clip.label, frames=k, fallback="0.5 (out of memory)",
-                                 error="; ".join(errors))
+            preds = []
+            for j, (p, p1, attn) in enumerate(heads):
+                track_p = [float(np.mean(p))] + [float(np.mean(o[j][0])) for o in others]
+                track_p1 = [float(np.mean(p1))] + [float(np.mean(o[j][1])) for o in others]
+                preds.append(VideoPrediction(
+                    key=clip.key, label=clip.label,
+                    p_fake=float(np.clip(max(track_p), 0.0, 1.0)),
+                    p_uncalibrated=float(np.clip(max(track_p1), 0.0, 1.0)),
+                    variant_p={v: float(x) for v, x in zip(step_variants, p, strict=True)},
+                    frames_requested=k, frames_used=int(views.shape[1]), distinct_frames=int(valid.sum()),
+                    num_source_frames=int(current.num_source_frames),
+                    frame_indices=np.asarray(current.frame_indices), valid=valid, attention=attn[0],
+                    fallback=name, status=current.status,
+                    error="; ".join([*errors, *([current.message] if current.message else [])]),
+                    features=feats if self.keep_features[j] else None,
+                    track_p=track_p if current.faces_found is not None else [],
+                    faces_found=current.faces_found, boxes=None if current.boxes is None else current.boxes[0],
+                ))
+            return preds
+        return failed("0.5 (out of memory)", "; ".join(errors))
 
 
 def predict_items(
@@ -515,26 +568,29 @@ def predict_items(
 
     Never drops an item: failures come back as 0.5 rows with their error.
     """
-    if workers < 0:
-        raise OptionError(f"--workers must be >= 0, got {workers}.")
-    if frame_batch < 1:
-        raise OptionError(f"--frame-batch must be >= 1, got {frame_batch}.")
-    dev = torch.device(device) if isinstance(device, str) else device
-    autocast_dtype(dev, precision)  # a bad precision is the user's option, not one video's failure: refuse it here
-    items = list(items)
-    ds = ClipDataset(items, size=model.encoder.input_size, variants=model.variants, frames=model.frames,
-                     faces=face_cropper(model.crop, dev, max_faces=model.max_faces))
-    predictor = _Predictor(model, device=dev, frame_batch=frame_batch, precision=precision,
-                           keep_features=keep_features)
+    dev, items = torch.device(device) if isinstance(device, str) else device, list(items)
+    predictor = Predictor([model], device=dev, frame_batch=frame_batch, precision=precision,
+                          keep_features=[keep_features])
     preds: list[VideoPrediction] = []
     t0 = time.perf_counter()
     bar = tqdm(total=len(items), desc=desc, unit="video", dynamic_ncols=True, disable=not progress)
-    for item, clip in zip(items, iter_clips(ds, workers=workers), strict=True):
-        if clip.key != item.key:  # the loader is ordered; anything else is a bug worth stopping for
-            raise PredictError(f"decoder returned {clip.key} where {item.key} was expected")
-        preds.append(predictor(clip, item))
+    for item, clip in decoded_clips(items, model, device=dev, workers=workers):
+        preds.append(predictor(clip, item)[0])
         bar.update(1)
         bar.set_postfix(fallbacks=sum(p.fallback != "none" for p in preds))
     bar.close()
     return PredictRun(preds, time.perf_counter() - t0, predictor.frames_encoded)
 
+
+def decoded_clips(items: Sequence, model: LoadedModel, *, device: torch.device, workers: int
+                  ) -> Iterator[tuple[Any, ClipViews]]:
+    """``(item, clip)`` in item order, decoded as ``model`` sees them (its frames, views, size and crop) by
+    ``workers`` processes running ahead."""
+    if workers < 0:
+        raise OptionError(f"--workers must be >= 0, got {workers}.")
+    ds = ClipDataset(list(items), size=model.encoder.input_size, variants=model.variants, frames=model.frames,
+                     faces=face_cropper(model.crop, device, max_faces=model.max_faces))
+    for item, clip in zip(ds.items, iter_clips(ds, workers=workers), strict=True):
+        if clip.key != item.key:  # the loader is ordered; anything else is a bug worth stopping for
+            raise PredictError(f"decoder returned {clip.key} where {item.key} was expected")
+        yield item, clip

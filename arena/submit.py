@@ -12,8 +12,9 @@ import csv
 import dataclasses
 import io
 import math
+import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +24,20 @@ import torch
 from arena._files import atomic_write_text
 from arena.calibration import clip_probabilities
 from arena.data import Dataset, load_dataset
-from arena.errors import SubmissionError
-from arena.predict import ModelKind, VideoPrediction, failed_prediction, load_model, predict_items
+from arena.ensemble import (
+    COMBINE_MODES,
+    Combine,
+    Member,
+    PathsArg,
+    as_paths,
+    describe,
+    member_sources,
+    predict_members,
+)
+from arena.errors import OptionError, SubmissionError
+from arena.predict import ModelKind, VideoPrediction, failed_prediction, load_model
 from arena.runtime import Precision, resolve_device
-from arena.verify import VerifyResult, open_verify_cache, verify_against_cache
+from arena.verify import VerifyResult, verify_against_cache, verify_cache_for
 
 HEADER = ("filename", "label", "probability")
 PROBABILITY_DIGITS = 6  # fixed digits: same predictions -> byte-identical file
@@ -173,18 +184,23 @@ def check_submission(
     return checks
 
 
-def detail_csv(predictions: Sequence[VideoPrediction], filenames: Sequence[str], variants: Sequence[str]) -> str:
+def detail_csv(predictions: Sequence[VideoPrediction], filenames: Sequence[str], variants: Sequence[str],
+               members: Mapping[str, Sequence[VideoPrediction | None]] | None = None) -> str:
     """``predictions_detail.csv``: p_fake, per-variant p_fake, frames used, fallback and status/error per video;
     with face crops also ``faces`` (``found`` / ``none``: whole frame) and ``p_tracks`` (P(fake) per face track,
-    ``;``-separated, main first; p_fake is their maximum)."""
+    ``;``-separated, main first; p_fake is their maximum); with ensemble ``members``, ``p_<member>``: each member's
+    calibrated P(fake) (empty where the member has no prediction of the video)."""
+    members = members or {}
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(
         ["filename", "key", "p_fake", "label", "probability", *[f"p_{v}" for v in variants], "frames_requested",
          "frames_used", "distinct_frames", "num_source_frames", "variants_used", "fallback", "status", "error",
-         "faces", "p_tracks"]
+         "faces", "p_tracks", *[f"p_{m}" for m in members]]
     )
-    for name, pred in zip(filenames, predictions, strict=True):
+    for i, (name, pred) in enumerate(zip(filenames, predictions, strict=True)):
+        per_member = [f"{p.p_fake:.{PROBABILITY_DIGITS}f}" if p is not None and p.status != "failed" else ""
+                      for p in (preds[i] for preds in members.values())]
         label, conf = label_and_confidence(pred.p_fake)
         per_variant = [
             f"{pred.variant_p[v]:.{PROBABILITY_DIGITS}f}" if v in pred.variant_p else "" for v in variants
@@ -194,7 +210,7 @@ def detail_csv(predictions: Sequence[VideoPrediction], filenames: Sequence[str],
              *per_variant, pred.frames_requested, pred.frames_used, pred.distinct_frames, pred.num_source_frames,
              len(pred.variant_p), pred.fallback, pred.status, pred.error,
              "" if pred.faces_found is None else ("found" if pred.faces_found else "none"),
-             ";".join(f"{p:.{PROBABILITY_DIGITS}f}" for p in pred.track_p)]
+             ";".join(f"{p:.{PROBABILITY_DIGITS}f}" for p in pred.track_p), *per_member]
         )
     return buf.getvalue()
 
@@ -218,6 +234,7 @@ def write_submission(
     variants: Sequence[str],
     detail_path: str | Path | None = None,
     echo: Callable[[str], None] | None = print,
+    members: Mapping[str, Sequence[VideoPrediction | None]] | None = None,
 ) -> SubmissionReport:
     """Validate, then atomically write the CSV and ``predictions_detail.csv`` beside it.
 
@@ -228,6 +245,7 @@ def write_submission(
         variants: TTA variant names, for the detail columns.
         detail_path: default ``<out folder>/predictions_detail.csv``.
         echo: where check lines go (None: silent).
+        members: an ensemble's member predictions, aligned with ``predictions`` (`detail_csv`'s ``p_<member>``).
 
     Raises:
         SubmissionError: a failed check; nothing was written, the previous CSV is untouched.
@@ -239,7 +257,7 @@ def write_submission(
     text = format_submission(filenames, [p.p_fake for p in predictions])
     checks = check_submission(text, filenames, echo=echo)
     # The detail file first: once the CSV that counts is new, its detail file is new as well.
-    atomic_write_text(detail_path, detail_csv(predictions, filenames, variants))
+    atomic_write_text(detail_path, detail_csv(predictions, filenames, variants, members))
     atomic_write_text(out, text)
     fallbacks = Counter(p.fallback for p in predictions if p.fallback != "none")
     return SubmissionReport(path=out, detail_path=detail_path, rows=len(predictions), checks=checks,
@@ -252,19 +270,25 @@ def write_submission(
 
 @dataclass
 class SubmitResult:
-    """What `make_submission` did: the written files, the verification and the per-row predictions."""
+    """What `make_submission` did: the written files, the verification and the per-row predictions.
+
+    ``verify`` is the one member's verification (None for an ensemble); ``verifies`` every member's, by name.
+    """
 
     report: SubmissionReport
     verify: VerifyResult | None
     lines: list[str]
     predictions: list[VideoPrediction] = field(default_factory=list)
+    verifies: dict[str, VerifyResult] = field(default_factory=dict)
 
 
 def make_submission(
     *,
     data: str | Path,
-    models: str | Path,
+    models: PathsArg = None,
     out: str | Path,
+    checkpoints: PathsArg = None,
+    ensemble: Combine = "prob",
     kind: ModelKind = "auto",
     frames: int | None = None,
     tta: bool = True,
@@ -272,7 +296,7 @@ def make_submission(
     workers: int = 2,
     frame_batch: int = 64,
     precision: Precision = "auto",
-    verify: str | Path | None = None,
+    verify: PathsArg = None,
     verify_sample: int | None = 8,
     seed: int = 0,
     progress: bool = True,
@@ -290,52 +314,66 @@ def make_submission(
 
     Args:
         data: data folder (``test_public.csv`` + ``test/``).
-        models: models folder (fine-tuned checkpoint or tuned head, ``frame_test.json``).
+        models: models folder(s) (fine-tuned checkpoint or tuned head, ``frame_test.json``); a ``folds`` folder
+            or a K-fold study's folder without a model of its own gives one member per fold
+            (`arena.ensemble.member_sources`).
         out: the submission CSV (``predictions_detail.csv`` goes beside it).
-        kind: ``auto``, ``finetuned`` or ``head-only``.
-        frames: frames per video (default: frame_test.json, else 24).
+        checkpoints: checkpoint file(s) named exactly, each one member (``best_head.pt``, ``<backbone>_best.pt``).
+        ensemble: several members: average calibrated probabilities (``prob``) or logits (``logit``).
+        kind: ``auto``, ``finetuned`` or ``head-only`` (for ``models`` folders).
+        frames: frames per video (default: each member's frame_test.json, else 24).
         tta: average the five TTA variants.
         device, workers, frame_batch, precision: how the full-video path runs (`arena.predict.predict_items`).
-        verify: a feature cache to verify the full path against.
+        verify: feature cache(s) to verify the full path against; each member uses the one that fits it
+            (`arena.verify.verify_cache_for`).
         verify_sample: videos compared (None: all).
         seed: seeds torch and the verification sample; same seed, same inputs -> byte-identical CSV.
         progress: show a progress bar. echo: where the report lines go (None: silent).
-        crop: ``none``/``faces``, checked against the model's crop mode (None: the model's).
+        crop: ``none``/``faces``, checked against each model's crop mode (None: the model's).
         max_faces: face tracks scored per video, the video's P(fake) being their maximum (None: the model's).
-        calibration: apply the model's temperature (`arena.calibration`); False: T = 1.
+        calibration: apply each model's temperature (`arena.calibration`); False: T = 1.
         clip: write P(fake) clipped to ``[clip, 1 - clip]`` (log-loss leaderboards: one confident mistake then
             costs at most ``-log(clip)``); None: unclipped. Applied after verification, which compares raw values.
 
     Raises:
         SubmissionError: nothing to submit, every video failed, verification or validation failed.
-        DataError, ModelsError, PredictError, OptionError: the data folder, model or an option cannot be used.
+        DataError, ModelsError, PredictError, OptionError: the data folder, a model or an option cannot be used.
     """
     say = echo or (lambda _s: None)
     torch_seed(seed)
     dev = resolve_device(device)
+    if ensemble not in COMBINE_MODES:
+        raise OptionError(f"Invalid ensemble mode ({ensemble}). Supported values are {', '.join(COMBINE_MODES)}.")
     dataset = load_dataset(data)
     rows = submission_rows(dataset)
     if not rows:
         raise SubmissionError(f"{data}: test_public.csv lists no test video; nothing to submit.")
     if clip is not None and not 0.0 < clip < 0.5:
         raise SubmissionError(f"--clip must be in (0, 0.5), got {clip}; 1e-3 or 1e-2 are usual for log-loss scoring.")
-    model = load_model(models, kind=kind, frames=frames, tta=tta, device=dev, crop=crop, max_faces=max_faces,
-                       calibration=calibration)
-    faces = "" if model.crop.get("mode") == "none" else f", face crops ({model.max_faces} track(s) per video)"
-    say(f"model: {model.kind} ({model.source}), {model.frames} frames ({model.frames_source}), "
-        f"TTA {len(model.variants)} variant(s){faces}, temperature {model.temperature:.3f}, device {dev}")
-    if verify is not None:
-        open_verify_cache(model, verify)  # fail fast, before the whole test set is predicted
+    encoders: dict = {}  # heads tuned on one cache share its encoder
+    members = [Member(s, load_model(s.path, kind=s.kind, frames=frames, tta=tta, device=dev, crop=crop,
+                                    max_faces=max_faces, calibration=calibration, encoders=encoders))
+               for s in member_sources(models, checkpoints, kind=kind, echo=say)]
+    for line in describe(members, ensemble, device=dev):
+        say(line)
+    caches = as_paths(verify)
+    # Fail fast, before the whole test set is predicted.
+    verify_with = {m.name: _verify_cache(m, caches, len(members)) for m in members} if caches else {}
     item_by_key = {it.key: it for it in dataset.test}
     items = [item_by_key[r.key] for r in rows if r.key is not None]
-    run = predict_items(items, model, device=dev, workers=workers, frame_batch=frame_batch, precision=precision,
-                        keep_features=verify is not None and model.kind == "finetuned", progress=progress,
-                        desc="submit")
-    by_key = {p.key: p for p in run.predictions}
+    run = predict_members(items, members, combine=ensemble, device=dev, workers=workers, frame_batch=frame_batch,
+                          precision=precision, progress=progress, desc="submit",
+                          keep_features=[m.name for m in members if caches and m.model.kind == "finetuned"])
+    frames0 = members[0].model.frames
+
+    def aligned(preds: Sequence[VideoPrediction]) -> list[VideoPrediction | None]:
+        by_key = {p.key: p for p in preds}
+        return [by_key[r.key] if r.key is not None else None for r in rows]
+
     predictions = [
-        by_key[r.key] if r.key is not None else
-        failed_prediction(r.filename, label=None, frames=model.frames, fallback="0.5 (missing file)", error=r.problem)
-        for r in rows
+        p if p is not None else
+        failed_prediction(r.filename, label=None, frames=frames0, fallback="0.5 (missing file)", error=r.problem)
+        for p, r in zip(aligned(run.predictions), rows, strict=True)
     ]
     lines = run.summary_lines()
     missing = sum(r.key is None for r in rows)
@@ -349,15 +387,19 @@ def make_submission(
     for line in lines:
         say(line)
 
-    vres = None
-    if verify is not None:
-        vres = verify_against_cache(model, verify, run.predictions, items=items, sample=verify_sample, seed=seed,
-                                    device=dev, frame_batch=frame_batch, precision=precision)
+    verifies: dict[str, VerifyResult] = {}
+    reference: dict = {}  # the fine-tuned members' cache-encoder check, once per cache and frames
+    for m in members if caches else []:
+        cache, who = verify_with[m.name], "" if len(members) == 1 else f"member {m.name}: "
+        vres = verify_against_cache(m.model, cache, run.by_member[m.name], items=items, sample=verify_sample,
+                                    seed=seed, device=dev, frame_batch=frame_batch, precision=precision,
+                                    reference=reference)
+        verifies[m.name] = vres
         for line in vres.lines:
-            say(line)
+            say(who + line)
         if not vres.ok:
             raise SubmissionError(
-                f"verification against {verify} failed: max |p_fake diff| {vres.max_abs_diff:.2e} "
+                f"{who}verification against {cache} failed: max |p_fake diff| {vres.max_abs_diff:.2e} "
                 f"(tolerance {vres.tolerance:.0e}) on {len(vres.keys)} videos; the previous CSV was left untouched. "
                 "The full path and the cache path disagree: rebuild the cache with the current code and weights."
             )
@@ -365,13 +407,26 @@ def make_submission(
         predictions = [dataclasses.replace(p, p_fake=float(clip_probabilities(p.p_fake, clip))) for p in predictions]
         lines.append(f"P(fake) clipped to [{clip:g}, {1 - clip:g}] (--clip)")
         say(lines[-1])
-    report = write_submission(predictions, [r.filename for r in rows], out, variants=model.variants, echo=echo)
+    detail = {name: aligned(preds) for name, preds in run.by_member.items()} if len(members) > 1 else None
+    report = write_submission(predictions, [r.filename for r in rows], out, variants=members[0].model.variants,
+                              echo=echo, members=detail)
     done = [f"wrote {report.path} ({report.rows} rows) and {report.detail_path}"]
     fb = Counter(p.fallback for p in predictions if p.fallback != "none")
     done.append(f"rows that needed a fallback: {sum(fb.values())}" + (f" ({dict(fb)})" if fb else ""))
     for line in done:
         say(line)
-    return SubmitResult(report=report, verify=vres, lines=lines + done, predictions=predictions)
+    return SubmitResult(report=report, verify=verifies.get(members[0].name) if len(members) == 1 else None,
+                        lines=lines + done, predictions=predictions, verifies=verifies)
+
+
+def _verify_cache(member: Member, caches: Sequence[str | os.PathLike], n_members: int) -> Path:
+    """The cache that verifies ``member``; an ensemble's error names the member."""
+    try:
+        return verify_cache_for(member.model, caches)
+    except SubmissionError as exc:
+        if n_members == 1:
+            raise
+        raise SubmissionError(f"--verify: member {member.name} ({member.model.source}): {exc}") from exc
 
 
 def torch_seed(seed: int) -> None:

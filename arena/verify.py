@@ -6,6 +6,11 @@ indices, TTA, resize and normalisation agree. A fine-tuned backbone (its feature
 cache's encoder, recreated from the provenance, runs on the frames the full path decodes and is compared with the
 cached features, and the fine-tuned head is run on the full path's own features through the cache-path logic.
 Both sides apply the model's calibration temperature.
+
+An ensemble verifies every member against the cache that fits it (`verify_cache_for`: the cache a head was tuned on,
+or one at a fine-tuned backbone's input size), on one shared sample; the fine-tuned check's first half (decode the
+sample again, run the cache's encoder) depends on the cache and the frames only, so it runs once for all the
+fine-tuned members that share them (``reference``).
 """
 
 from __future__ import annotations
@@ -120,6 +125,30 @@ def open_verify_cache(model: LoadedModel, cache_path: str | Path) -> FeatureCach
     return cache
 
 
+def verify_cache_for(model: LoadedModel, caches: Sequence[str | Path]) -> Path:
+    """The cache of ``caches`` (``--verify``, repeatable) that can verify ``model``, checked as `open_verify_cache`
+    does; of several, the one a head-only model was tuned on (same provenance), or the one at a fine-tuned
+    model's input size.
+
+    Raises:
+        SubmissionError: no cache fits; the message gives each cache's reason.
+    """
+    fits, problems = [], []
+    for path in caches:
+        try:
+            prov = open_verify_cache(model, path).provenance
+        except SubmissionError as exc:
+            problems.append(str(exc))
+            continue
+        same = (prov.to_dict() == model.cache_provenance if model.kind == "head-only"
+                else tuple(prov.input_size) == tuple(model.encoder.input_size))
+        fits.append((not same, len(fits), Path(path)))
+    if not fits:
+        raise SubmissionError(problems[0] if len(problems) == 1 else
+                              f"no --verify cache can verify {model.source}: " + " | ".join(problems))
+    return min(fits)[2]
+
+
 def _cached_views(cache: FeatureCache, key: str, k: int, variants: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Cached features of every variant: float16 ``[V, k, d]`` and the mask ``[k]``."""
     feats, mask = [], None
@@ -153,6 +182,7 @@ def verify_against_cache(
     frame_batch: int = 64,
     precision: Precision = "auto",
     tolerance: float = VERIFY_TOLERANCE,
+    reference: dict | None = None,
 ) -> VerifyResult:
     """Compare the full path's predictions with the cache path on a sample of the test videos.
 
@@ -162,6 +192,8 @@ def verify_against_cache(
         sample: videos compared (None: every comparable one). seed: draws the sample.
         device, frame_batch, precision: how the cache's encoder runs (fine-tuned model only).
         tolerance: largest allowed |p_fake difference|.
+        reference: a dict the caller keeps across members: the fine-tuned check's cache-encoder half, computed once
+            per cache, frame count, variants and sample.
 
     Videos where the full path failed or used a fallback (other frames or variants) are skipped with the reason.
     """
@@ -202,20 +234,18 @@ def verify_against_cache(
             f"{len(keys)} videos: max |diff| = {max_diff:.2e} (tolerance {tolerance:.0e})"
         )
     else:
-        enc = recreate_encoder(prov, device=dev)
-        ds = ClipDataset([item_by_key[key] for key in keys], size=tuple(prov.input_size), variants=variants, frames=k,
-                         faces=face_cropper(prov.crop, dev))
+        memo, memo_key = reference if reference is not None else {}, (str(cache_path), k, variants, tuple(keys))
+        if memo_key not in memo:
+            memo[memo_key] = _cache_encoder_check(cache, [item_by_key[key] for key in keys], k, variants, device=dev,
+                                                  frame_batch=frame_batch, precision=precision)
+        checked = memo[memo_key]
         feat_diffs, p_diffs = [], []
-        for i, key in enumerate(keys):
-            clip = ds[i]
-            if clip.views is None:
-                skipped[key] = f"decode failed now: {clip.message}"
+        for key in keys:
+            if isinstance(checked[key], str):
+                skipped[key] = checked[key]
                 continue
-            ours = encode_views(enc, clip.views, device=dev, frame_batch=frame_batch, precision=precision).numpy()
-            theirs, _ = _cached_views(cache, key, k, variants)
-            box_diffs.append(_box_diff(cache.boxes(key, k), None if clip.boxes is None else clip.boxes[0]))
-            scale = float(np.abs(theirs).max()) or 1.0
-            feat_diffs.append(float(np.abs(ours - theirs.astype(np.float32)).max()) / scale)
+            feat_diffs.append(checked[key][0])
+            box_diffs.append(checked[key][1])
             full = by_key[key].features
             if full is None:
                 skipped[key] = "full path kept no features for this video"
@@ -247,3 +277,26 @@ def verify_against_cache(
             f"{key}: {why}" for key, why in list(skipped.items())[:5]))
     result.lines = lines
     return result
+
+
+def _cache_encoder_check(cache: FeatureCache, items: Sequence[Any], k: int, variants: Sequence[str], *,
+                         device: torch.device, frame_batch: int, precision: Precision
+                         ) -> dict[str, tuple[float, float] | str]:
+    """The cache's encoder, recreated, on the frames the full path decodes, against the cached features: per video
+    (relative max |feature difference|, crop box difference), or why it was not compared."""
+    prov = cache.provenance
+    enc = recreate_encoder(prov, device=device)
+    ds = ClipDataset(items, size=tuple(prov.input_size), variants=variants, frames=k,
+                     faces=face_cropper(prov.crop, device))
+    out: dict[str, tuple[float, float] | str] = {}
+    for i, item in enumerate(items):
+        clip = ds[i]
+        if clip.views is None:
+            out[item.key] = f"decode failed now: {clip.message}"
+            continue
+        ours = encode_views(enc, clip.views, device=device, frame_batch=frame_batch, precision=precision).numpy()
+        theirs, _ = _cached_views(cache, item.key, k, variants)
+        scale = float(np.abs(theirs).max()) or 1.0
+        out[item.key] = (float(np.abs(ours - theirs.astype(np.float32)).max()) / scale,
+                         _box_diff(cache.boxes(item.key, k), None if clip.boxes is None else clip.boxes[0]))
+    return out

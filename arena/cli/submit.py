@@ -17,8 +17,8 @@ def _precision(amp: bool) -> str:
 
 
 def _model_options(f):
-    """--model, --frames, --crop, --max-faces, --device, --workers, --frame-batch, --amp, --no-calibration: how the
-    full-video path runs."""
+    """--models, --checkpoint, --ensemble, --model, --frames, --crop, --max-faces, --device, --workers,
+    --frame-batch, --amp, --no-calibration: which models, and how the full-video path runs."""
     f = click.option("--calibration/--no-calibration", default=True, show_default=True,
                      help="Divide the logits by the temperature stored with the model (fitted on validation "
                           "predictions); --no-calibration: T = 1.")(f)
@@ -32,31 +32,41 @@ def _model_options(f):
     f = click.option("--frames", type=click.IntRange(1, MAX_FRAMES), default=None,
                      help="Frames per video [default: frame_test.json's recommendation, else 24].")(f)
     f = click.option("--model", "kind", type=click.Choice(_MODEL_KINDS), default="auto", show_default=True,
-                     help="auto: the fine-tuned checkpoint when present, else the tuned head.")(f)
+                     help="Which model of each --models folder; auto: the fine-tuned checkpoint when present, else "
+                          "the tuned head.")(f)
+    f = click.option("--ensemble", type=click.Choice(["prob", "logit"]), default="prob", show_default=True,
+                     help="Several members: average their calibrated probabilities (prob) or calibrated logits "
+                          "(logit).")(f)
+    f = click.option("--checkpoint", "checkpoints", type=click.Path(dir_okay=False), multiple=True,
+                     help="One checkpoint, exactly: best_head.pt (head-only) or <backbone>_best.pt (fine-tuned); "
+                          "frames from its folder's frame_test.json. Repeatable; adds ensemble members.")(f)
+    f = click.option("--models", type=click.Path(file_okay=False), multiple=True,
+                     help="Models folder: <backbone>_best.pt (train-full) or best_head.pt (tune-head); a folds/ "
+                          "folder, or a K-fold study's folder without a model of its own, gives one member per "
+                          "fold. Repeatable: several members are averaged (--ensemble).")(f)
     return f
 
 
 @main.command("submit")
 @click.option("--data", "data", type=click.Path(file_okay=False), required=True,
               help="Data folder with test_public.csv and test/.")
-@click.option("--models", type=click.Path(file_okay=False), required=True,
-              help="Models folder: <backbone>_best.pt (train-full) or best_head.pt (tune-head).")
 @click.option("--out", type=click.Path(dir_okay=False), default="SUBMISSION_DIRECTORY/PREDICTIONS.CSV",
               show_default=True, help="The submission CSV; predictions_detail.csv is written beside it.")
 @_model_options
 @click.option("--tta/--no-tta", default=True, show_default=True, help="Average the five TTA variants.")
-@click.option("--verify", "verify", type=click.Path(), default=None,
-              help="Feature cache to verify the full path against (fails above 1e-3 in p_fake).")
+@click.option("--verify", "verify", type=click.Path(), multiple=True,
+              help="Feature cache to verify the full path against (fails above 1e-3 in p_fake). Repeatable: each "
+                   "ensemble member is verified against the cache that fits it.")
 @click.option("--verify-sample", type=click.IntRange(min=1), default=8, show_default=True,
               help="Test videos compared by --verify.")
 @click.option("--verify-all", is_flag=True, help="Compare every test video with --verify.")
 @click.option("--clip", type=click.FloatRange(0.0, 0.5, min_open=True, max_open=True), default=None,
               help="Write P(fake) clipped to [EPS, 1-EPS] (log-loss leaderboards) [default: no clipping].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (torch, verification sample).")
-def submit_cmd(data: str, models: str, out: str, kind: str, frames: int | None, crop: str | None,
-               max_faces: int | None, device: str, workers: int, frame_batch: int, amp: bool, calibration: bool,
-               tta: bool, verify: str | None, verify_sample: int, verify_all: bool, clip: float | None,
-               seed: int) -> None:
+def submit_cmd(data: str, out: str, models: tuple[str, ...], checkpoints: tuple[str, ...], ensemble: str, kind: str,
+               frames: int | None, crop: str | None, max_faces: int | None, device: str, workers: int,
+               frame_batch: int, amp: bool, calibration: bool, tta: bool, verify: tuple[str, ...],
+               verify_sample: int, verify_all: bool, clip: float | None, seed: int) -> None:
     """Predict every test video (decode -> 5 TTA views -> backbone -> head), validate and write the CSV.
 
     Exit status: 0 complete; 3 complete and valid, but some rows are 0.5 because their video could not be
@@ -64,8 +74,9 @@ def submit_cmd(data: str, models: str, out: str, kind: str, frames: int | None, 
     """
     from arena.submit import make_submission
 
-    result = make_submission(data=data, models=models, out=out, kind=kind, frames=frames, tta=tta, device=device,
-                             workers=workers, frame_batch=frame_batch, precision=_precision(amp), verify=verify,
+    result = make_submission(data=data, models=models, checkpoints=checkpoints, ensemble=ensemble, out=out,
+                             kind=kind, frames=frames, tta=tta, device=device, workers=workers,
+                             frame_batch=frame_batch, precision=_precision(amp), verify=verify,
                              verify_sample=None if verify_all else verify_sample, seed=seed, echo=click.echo,
                              crop=crop, max_faces=max_faces, calibration=calibration, clip=clip)
     failed = [p for p in result.predictions if p.status == "failed"]
@@ -77,33 +88,37 @@ def submit_cmd(data: str, models: str, out: str, kind: str, frames: int | None, 
 
 @main.command("evaluate")
 @click.option("--data", "data", type=click.Path(file_okay=False), required=True, help="Data folder.")
-@click.option("--models", type=click.Path(file_okay=False), required=True,
-              help="Models folder (model and split.json).")
 @click.option("--split", type=click.Choice(["val"]), default="val", show_default=True,
               help="Evaluate on the persisted validation split (unless --labels is given).")
 @click.option("--labels", type=click.Path(dir_okay=False), default=None,
               help="CSV of test labels (e.g. the demo's test_labels.csv): evaluate on the test videos instead.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="JSON output [default: MODELS/evaluation.json]; attention PNGs go to its folder's attention/.")
+              help="JSON output [default: evaluation.json in the first --models folder (a folds/ folder's parent), "
+                   "else in the first checkpoint's folder]; attention PNGs go to its folder's attention/.")
 @click.option("--attention", multiple=True, help="Video key for the attention report (repeatable).")
 @click.option("--attention-first", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also report attention for the first N evaluated videos.")
 @_model_options
 @click.option("--seed", type=int, default=0, show_default=True)
-def evaluate_cmd(data: str, models: str, split: str, labels: str | None, out: str | None, attention: tuple[str, ...],
-                 attention_first: int, kind: str, frames: int | None, crop: str | None, max_faces: int | None,
-                 device: str, workers: int, frame_batch: int, amp: bool, calibration: bool, seed: int) -> None:
+def evaluate_cmd(data: str, split: str, labels: str | None, out: str | None, attention: tuple[str, ...],
+                 attention_first: int, models: tuple[str, ...], checkpoints: tuple[str, ...], ensemble: str,
+                 kind: str, frames: int | None, crop: str | None, max_faces: int | None, device: str, workers: int,
+                 frame_batch: int, amp: bool, calibration: bool, seed: int) -> None:
     """AUC, log loss, accuracy, F1 and confusion with and without TTA; log loss, Brier score and calibration error
     before and after calibration (reliability.png beside the JSON); attention report for chosen videos.
+
+    Several members (--models/--checkpoint): the metrics of the ensemble and of each member. Fold members with
+    --split val: out-of-fold, each fold's validation videos scored by that fold's member.
 
     Exit status: 0 complete; 3 written, but some videos could not be predicted (counted as 0.5).
     """
     from arena.evaluate import evaluate, metrics_lines
 
-    result = evaluate(data=data, models=models, split=split, labels=labels, out=out, attention=attention,
-                      attention_first=attention_first, kind=kind, frames=frames, device=device, workers=workers,
-                      frame_batch=frame_batch, precision=_precision(amp), seed=seed, crop=crop, max_faces=max_faces,
-                      calibration=calibration)
+    result = evaluate(data=data, models=models, checkpoints=checkpoints, ensemble=ensemble, split=split,
+                      labels=labels, out=out, attention=attention, attention_first=attention_first, kind=kind,
+                      frames=frames, device=device, workers=workers, frame_batch=frame_batch,
+                      precision=_precision(amp), seed=seed, crop=crop, max_faces=max_faces, calibration=calibration,
+                      echo=click.echo)
     for line in metrics_lines(result):
         click.echo(line)
     if result["failed"]:
