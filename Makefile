@@ -33,7 +33,7 @@ DEMO_SUB    := $(DEMO_DIR)/SUBMISSION_DIRECTORY/PREDICTIONS.CSV
 
 STAMP := $(VENV)/.arena-installed
 
-.PHONY: help setup test lint demo features tune-head frame-test train-full train-folds submit evaluate doctor bench \
+.PHONY: help setup test test-postgres lint demo features tune-head frame-test train-full train-folds submit evaluate doctor bench \
 	bench-scaling clean-demo
 
 help:  ## list the targets
@@ -59,6 +59,18 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: setup  ## run the test suite
 	$(BIN)/python -m pytest -q
+
+test-postgres: setup  ## only the PostgreSQL study tests, on a throwaway server (installs Debian's postgresql when root)
+	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "Installing PostgreSQL with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else \
+	    echo "PostgreSQL is missing: install it (Debian/Ubuntu: sudo apt-get install -y postgresql; macOS: brew install"; \
+	    echo "postgresql) and run make test-postgres again, or set ARENA_SKIP_POSTGRES=1 to skip its tests."; exit 1; \
+	  fi; \
+	fi
+	$(BIN)/python -m pytest -q tests/test_postgres.py
 
 lint: setup  ## ruff over the package, tests and tools
 	$(BIN)/ruff check arena tests tools
