@@ -12,27 +12,36 @@
   input size before the TTA views or the augmentation; ``views`` is the main face track, ``track_views`` the others.
 
 ``encode_views`` runs the backbone over every view: the same function for the cache and for the full-video path.
+
+GPU pipeline (issue 16): ``views_on="device"`` makes the workers return the decoded frames only, and `iter_clips`
+makes the TTA views on the model's device with `arena.tta_tensor` (equal to albumentations' within 1 level);
+``decoder`` picks the CPU decoder or NVDEC (`arena.nvdec`). Given the model's ``device``, `iter_clips` hands over
+clips whose tensors are already there: pinned host memory, copied on a second CUDA stream one clip ahead of the
+model, no host synchronisation.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from arena.errors import VideoDecodeError
+from arena.errors import OptionError, VideoDecodeError
 from arena.faces.stage import FaceCropper, FaceCrops
+from arena.nvdec import check_decoder, use_nvdec
 from arena.runtime import autocast
 from arena.sampling import first_occurrence, uniform_indices
 from arena.tta import tta_views
+from arena.tta_tensor import tensor_views
 from arena.video import decode_selected
 
 Augment = Callable[[torch.Tensor, np.random.Generator], torch.Tensor]  # uint8 [T,3,H,W], rng -> uint8 [T,3,H,W]
 STATUSES = ("ok", "partial", "failed")
+VIEWS_ON = ("cpu", "device")
 
 
 @dataclass
@@ -54,6 +63,8 @@ class ClipViews:
         faces_found: face crops only: False when no face was found (the whole frame, letterboxed); None without
             face crops.
         track_views: face crops with ``max_faces > 1``: the views of the other face tracks, each like ``views``.
+        pending: the TTA variants still to be made (``views_on="device"``): ``views`` and ``track_views`` then hold
+            the frames alone, ``[1, T, 3, H, W]``, until `iter_clips` makes the views where the model is.
     """
 
     key: str
@@ -68,6 +79,7 @@ class ClipViews:
     boxes: np.ndarray | None = None
     faces_found: bool | None = None
     track_views: tuple[torch.Tensor, ...] = ()
+    pending: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -82,6 +94,16 @@ class ClipViews:
     @property
     def ok(self) -> bool:
         return self.views is not None
+
+    def pin_memory(self) -> ClipViews:
+        """The clip with its tensors in page-locked memory (the DataLoader's pinning thread calls this), so the copy
+        to the GPU runs asynchronously."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ClipViews:
+        if self.views is None:
+            return self
+        return replace(self, views=fn(self.views), track_views=tuple(fn(t) for t in self.track_views))
 
     def __repr__(self) -> str:
         shape = None if self.views is None else tuple(self.views.shape)
@@ -105,6 +127,11 @@ class ClipDataset(Dataset):
         num_threads: FFmpeg threads per decoder.
         decode_device: ``cpu`` or ``cuda`` (NVDEC; the decoder falls back to CPU by itself where it cannot).
         faces: face-centred crops (`arena.faces.FaceCropper`) instead of the whole frame resized; None: whole frames.
+        decoder: ``cpu``, ``nvdec`` or ``auto`` (`arena.nvdec`; NVDEC decodes in the workers, which then start by
+            ``spawn``).
+        views_on: ``cpu`` (albumentations, in the workers: every cache so far) or ``device`` (`arena.tta_tensor`,
+            made by `iter_clips` on the model's device; items then come with ``pending`` views). Ignored with
+            ``augment``.
     """
 
     def __init__(
@@ -120,6 +147,8 @@ class ClipDataset(Dataset):
         num_threads: int = 1,
         decode_device: str = "cpu",
         faces: FaceCropper | None = None,
+        decoder: str = "cpu",
+        views_on: str = "cpu",
     ) -> None:
         if (frames is None) == (frame_counts is None):
             raise ValueError("Give exactly one of frames (full-video path) and frame_counts (cache path).")
@@ -128,6 +157,8 @@ class ClipDataset(Dataset):
             raise ValueError(f"Frame counts must be >= 1, got {counts}.")
         if not variants and augment is None:
             raise ValueError("at least one TTA variant is needed (e.g. 'original').")
+        if views_on not in VIEWS_ON:
+            raise OptionError(f"Invalid views_on ({views_on}). Supported values are {', '.join(VIEWS_ON)}.")
         self.items = list(items)
         self.size = (int(size[0]), int(size[1]))
         self.variants = tuple(variants)
@@ -138,6 +169,8 @@ class ClipDataset(Dataset):
         self.num_threads = num_threads
         self.decode_device = decode_device
         self.faces = faces
+        self.decoder = check_decoder(decoder)
+        self.views_on = views_on if augment is None else "cpu"
 
     def __len__(self) -> int:
         return len(self.items)
@@ -164,11 +197,13 @@ class ClipDataset(Dataset):
             clip = decode_selected(
                 item.path, lambda n: self._decode_indices(n, item.path),
                 size=None if self.faces is not None else self.size, device=self.decode_device,
-                num_threads=self.num_threads,
+                num_threads=self.num_threads, decoder=self.decoder,
             )
             tracks, valid, face = self._frames(clip, item.path)
             if self.augment is not None:
                 views = [self.augment(t, np.random.default_rng([self.seed, epoch, i])).unsqueeze(0) for t in tracks]
+            elif self.views_on == "device":
+                views = [t.unsqueeze(0) for t in tracks]
             else:
                 views = [tta_views(t, self.variants) for t in tracks]
         except VideoDecodeError as exc:
@@ -190,6 +225,7 @@ class ClipDataset(Dataset):
             boxes=None if face is None else face.boxes,
             faces_found=None if face is None else bool(face.found),
             track_views=tuple(views[1:]),
+            pending=self.variants if self.views_on == "device" else (),
         )
 
     def _frames(self, clip, path: str | os.PathLike) -> tuple[list[torch.Tensor], np.ndarray, FaceCrops | None]:
@@ -211,13 +247,13 @@ def _identity(x):
     return x
 
 
-def make_loader(dataset: ClipDataset, *, workers: int, prefetch: int = 2) -> DataLoader:
+def make_loader(dataset: ClipDataset, *, workers: int, prefetch: int = 2, pin_memory: bool = False) -> DataLoader:
     """A DataLoader yielding one ``ClipViews`` at a time, decoding ``workers`` videos ahead of the model.
 
-    A face detector on CUDA runs in the workers too, which then start by ``spawn`` (CUDA cannot be used in a
-    forked process).
+    A face detector on CUDA and NVDEC run in the workers too, which then start by ``spawn`` (CUDA cannot be used
+    in a forked process). ``pin_memory``: the clips' tensors arrive in page-locked memory (for a CUDA model).
     """
-    cuda_faces = dataset.faces is not None and dataset.faces.device.startswith("cuda")
+    cuda_workers = (dataset.faces is not None and dataset.faces.device.startswith("cuda")) or use_nvdec(dataset.decoder)
     return DataLoader(
         dataset,
         batch_size=None,  # one video per item: videos have different frame counts
@@ -226,13 +262,54 @@ def make_loader(dataset: ClipDataset, *, workers: int, prefetch: int = 2) -> Dat
         prefetch_factor=prefetch if workers > 0 else None,
         persistent_workers=False,
         collate_fn=_identity,
-        multiprocessing_context="spawn" if cuda_faces and workers > 0 else None,
+        multiprocessing_context="spawn" if cuda_workers and workers > 0 else None,
+        pin_memory=pin_memory,
     )
 
 
-def iter_clips(dataset: ClipDataset, *, workers: int) -> Iterator[ClipViews]:
-    """Decoded clips in dataset order, decoding in ``workers`` processes while the caller computes."""
-    yield from make_loader(dataset, workers=workers)
+def iter_clips(dataset: ClipDataset, *, workers: int, device: torch.device | None = None) -> Iterator[ClipViews]:
+    """Decoded clips in dataset order, decoding in ``workers`` processes while the caller computes.
+
+    Every clip comes with its views made (``pending`` empty), also with ``views_on="device"``: there they are made
+    on ``device`` (on the CPU without one). With a ``device``, the clips' tensors are moved there: on a GPU from
+    pinned memory on a second stream, one clip ahead, so the copy of the next clip runs under the model's work
+    on this one.
+    """
+    cuda = device is not None and torch.device(device).type == "cuda"
+    clips = make_loader(dataset, workers=workers, pin_memory=cuda)
+    if not cuda:
+        yield from (_made(clip if device is None else clip._map(lambda t: t.to(device))) for clip in clips)
+        return
+    device = torch.device(device)
+    copy = torch.cuda.Stream(device)
+    ahead: tuple[ClipViews, torch.cuda.Event] | None = None
+    for clip in clips:
+        with torch.cuda.stream(copy):
+            moved = clip._map(lambda t: t.to(device, non_blocking=True))
+            copied = torch.cuda.Event()
+            copied.record(copy)
+        if ahead is not None:
+            yield _made(_arrived(*ahead, device))
+        ahead = (moved, copied)
+    if ahead is not None:
+        yield _made(_arrived(*ahead, device))
+
+
+def _arrived(clip: ClipViews, copied: torch.cuda.Event, device: torch.device) -> ClipViews:
+    """``clip`` once its copy is done, as far as the model's stream is concerned (no host wait)."""
+    stream = torch.cuda.current_stream(device)
+    stream.wait_event(copied)
+    for t in (clip.views, *clip.track_views):
+        if t is not None:
+            t.record_stream(stream)  # made on the copy stream, used on this one: not freed before this one is done
+    return clip
+
+
+def _made(clip: ClipViews) -> ClipViews:
+    """``clip`` with its pending TTA views made where its frames are (`arena.tta_tensor`)."""
+    if not clip.pending or clip.views is None:
+        return clip
+    return replace(clip._map(lambda t: tensor_views(t[0], clip.pending)), pending=())
 
 
 @torch.inference_mode()
@@ -247,7 +324,9 @@ def encode_views(
     """Run the backbone over every frame of every view: uint8 ``[V, T, 3, H, W]`` -> float32 ``[V, T, d]``.
 
     Frames of all variants are flattened into batches of ``frame_batch`` frames, so the backbone sees full batches
-    whatever the number of frames per video. ``precision`` follows `arena.runtime.autocast_dtype`.
+    whatever the number of frames per video. ``precision`` follows `arena.runtime.autocast_dtype`. ``views`` may
+    already be on ``device`` (`iter_clips` with a device): then no batch is copied at all. The one host sync is the
+    copy of the features back, once per video.
     """
     v, t = views.shape[:2]
     flat = views.reshape(v * t, *views.shape[2:])

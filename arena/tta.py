@@ -94,6 +94,17 @@ def tta_views(frames: torch.Tensor, variants: tuple[str, ...] | list[str] = VARI
     return torch.stack([tta_view(frames, v) for v in variants])
 
 
+def ssr_matrix(height: int, width: int) -> np.ndarray:
+    """The 3x3 float64 matrix (source -> view pixel coordinates) of the ``shift_scale_rotate`` view of a
+    ``height`` x ``width`` frame, as albumentations computes it for that size.
+
+    `arena.tta_tensor` applies the same matrix with torch, so both paths follow this one definition.
+    """
+    affine = _variant_pipeline("shift_scale_rotate").transforms[0]
+    return np.asarray(affine.get_params_dependent_on_data({"shape": (int(height), int(width), 3)}, {})["matrix"],
+                      dtype=np.float64)
+
+
 def tta_spec() -> dict[str, Any]:
     """JSON-able description of the views (stored in cache provenance; any change here invalidates caches)."""
     return {

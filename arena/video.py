@@ -17,6 +17,10 @@ Decode paths:
    ``Could not push packet to decoder``; truncated files). ``n`` stays the scan count; decoded frames are matched
    to scan indices by pts, so a frame gets the same index (and, measured, the same pixels) on either path.
 
+**NVDEC** (``decoder="nvdec"|"auto"``, `arena.nvdec`): torchcodec's scan still gives ``n`` and the indices (and
+frame 0 is checked as in path 1); NVDEC decodes the pixels of those indices on the GPU. A file it cannot be trusted
+with takes the paths above, with a note in the clip's message.
+
 Fill rule (paths 2, 3): an index with no decoded frame repeats the nearest decoded frame before it (after it if
 there is none) and is marked ``valid=False``; repeated indices (``k > n``) are invalid after their first row.
 ``n = source_frame_count(path)`` and the fill depend on the file and the index only, never on which other
@@ -41,6 +45,7 @@ from torchcodec.transforms import Resize
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as tvf
 
+from arena import nvdec
 from arena._ffmpeg import Sequential, decode_sequential, ffprobe, frame_count, packet_pts, stream_fields, video_stream
 from arena.errors import OptionError, VideoDecodeError
 from arena.limits import FRAME_PIXEL_BUDGET, MAX_STREAM_PIXELS
@@ -291,6 +296,7 @@ def decode_indices(
     device: str = "cpu",
     num_threads: int = 1,
     resize: ResizeBackend = DEFAULT_RESIZE,
+    decoder: str = "cpu",
 ) -> DecodedClip:
     """Decode the frames at source ``indices`` (any order, duplicates allowed).
 
@@ -301,13 +307,18 @@ def decode_indices(
         device: "cpu" or "cuda[:N]" (NVDEC; falls back to CPU, with a log message, where it cannot decode).
         num_threads: FFmpeg threads per decoder (1 is best when several files are decoded in parallel; 0 = auto).
         resize: "tensor" (`resize_frames`, every path) or "decoder" (torchcodec's decoder-side Resize).
+        decoder: "cpu" (torchcodec, FFmpeg fallback), "nvdec" (PyNvVideoCodec on ``device`` when it is a GPU, else
+            cuda:0; frames come back on that GPU) or "auto" (NVDEC where it loads). `arena.nvdec` lists the files
+            that go to the CPU decoder all the same.
 
     Raises:
         VideoDecodeError: no frame can be decoded (names the file and the reason).
-        ValueError: an index is out of range or an option is invalid.
+        ValueError: an index is out of range or an option is invalid (`OptionError`: also ``decoder="nvdec"``
+            without a CUDA GPU or PyNvVideoCodec).
     """
     idx = _as_indices(indices)
-    return _decode(path, lambda n: idx, size=size, device=device, num_threads=num_threads, resize=resize)
+    return _decode(path, lambda n: idx, size=size, device=device, num_threads=num_threads, resize=resize,
+                   decoder=decoder)
 
 
 def decode_uniform(
@@ -318,12 +329,13 @@ def decode_uniform(
     device: str = "cpu",
     num_threads: int = 1,
     resize: ResizeBackend = DEFAULT_RESIZE,
+    decoder: str = "cpu",
 ) -> DecodedClip:
     """Decode ``k`` frames at ``uniform_indices(source_frame_count(path), k)``; options as `decode_indices`."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     return _decode(path, lambda n: uniform_indices(n, k), size=size, device=device, num_threads=num_threads,
-                   resize=resize)
+                   resize=resize, decoder=decoder)
 
 
 def decode_selected(
@@ -334,6 +346,7 @@ def decode_selected(
     device: str = "cpu",
     num_threads: int = 1,
     resize: ResizeBackend = DEFAULT_RESIZE,
+    decoder: str = "cpu",
 ) -> DecodedClip:
     """Decode the indices ``select(n)`` picks once the file's ``n`` (`source_frame_count`) is known.
 
@@ -341,10 +354,10 @@ def decode_selected(
     twice. `decode_uniform` is ``decode_selected(path, lambda n: uniform_indices(n, k))``; the feature cache asks
     for the union of several k this way.
     """
-    return _decode(path, select, size=size, device=device, num_threads=num_threads, resize=resize)
+    return _decode(path, select, size=size, device=device, num_threads=num_threads, resize=resize, decoder=decoder)
 
 
-def _decode(path, select, *, size, device: str, num_threads: int, resize: str) -> DecodedClip:
+def _decode(path, select, *, size, device: str, num_threads: int, resize: str, decoder: str) -> DecodedClip:
     """Shared body of `decode_indices` / `decode_uniform`: ``select(n)`` gives the indices once n is known."""
     if size is not None:
         size = _check_size(size)
@@ -353,11 +366,13 @@ def _decode(path, select, *, size, device: str, num_threads: int, resize: str) -
     if num_threads < 0:
         raise OptionError(f"num_threads must be >= 0 (0 lets FFmpeg choose), got {num_threads}")
     p = _check_file(path)
+    on_nvdec = nvdec.use_nvdec(decoder)
     dev = _resolve_device(device)
     notes: list[str] = []
 
-    try:
-        dec = _open_with_device(p, dev, num_threads, size if resize == "decoder" else None, notes)
+    try:  # with NVDEC, torchcodec only scans (on the CPU): the pixels come from NVDEC
+        dec = _open_with_device(p, "cpu" if on_nvdec else dev, num_threads, size if resize == "decoder" else None,
+                                notes)
     except Exception as e:  # noqa: BLE001 - torchcodec cannot open it: typed error or the FFmpeg path
         stream = _classify_open_failure(p, e)
         notes.append(f"torchcodec cannot open the file ({_short(e)}); decoded sequentially with FFmpeg")
@@ -367,6 +382,10 @@ def _decode(path, select, *, size, device: str, num_threads: int, resize: str) -
 
     info = _info_from_torchcodec(p, dec, p.suffix.lstrip(".").lower())
     budget = budget_size(p, info.width, info.height)
+    if on_nvdec:
+        clip = _decode_nvdec(p, dec, select, info, size, budget, nvdec.gpu_index(dev), notes)
+        if clip is not None:
+            return clip
     if budget is not None:  # reopened with the decoder's own resize: no full-size frame ever reaches Python
         notes.append(f"{info.width}x{info.height} frames exceed the pixel budget; decoded at "
                      f"{budget[1]}x{budget[0]}")
@@ -417,6 +436,43 @@ def _decode(path, select, *, size, device: str, num_threads: int, resize: str) -
         num_source_frames=n, partial=partial, info=info, message="; ".join(notes),
         decoder=f"torchcodec-exact-{str(data.device)}",
     )
+
+
+def _decode_nvdec(p: Path, dec, select, info: VideoInfo, size, budget, gpu: int, notes: list[str]):
+    """The clip with NVDEC's pixels at the scan's indices, or None (with the reason in ``notes``) when the file
+    must go to the CPU path. Frames over the pixel budget are brought within it, then to ``size``, on the GPU."""
+    n = int(dec.metadata.num_frames or 0)
+    why = nvdec.unsupported_reason(info.rotation, info.pixel_format)
+    if why is None and (n < 1 or not _first_frame_ok(dec)):
+        why = "the scan found no frames or frame 0 is not the stream's first frame"
+    if why is None:
+        idx = select(n)
+        _check_range(p, idx, n)
+        uniq = np.unique(idx)
+        try:
+            data, _ = nvdec.decode(p, uniq, num_frames=n, gpu=gpu, transform=lambda b: _resized(b, budget, size))
+        except nvdec.NvdecUnsupported as e:
+            why = str(e)
+    if why is not None:
+        notes.append(f"NVDEC not used ({why}); decoded on the CPU")
+        _LOG.info("%s: %s", p, notes[-1])
+        return None
+    if budget is not None:
+        notes.append(f"{info.width}x{info.height} frames exceed the pixel budget; decoded at {budget[1]}x{budget[0]}")
+    valid = first_occurrence(idx)
+    if not valid.all():
+        notes.insert(0, f"{int(valid.sum())} distinct frames for {len(idx)} rows (video has {n}); repeats masked")
+    # pts from the mean frame rate (NVDEC's timestamps have no documented unit; the pipeline never reads pts)
+    pts = (float(dec.metadata.begin_stream_seconds) + idx / (info.fps or np.nan)).astype(np.float64)
+    return DecodedClip(frames=data[torch.from_numpy(np.searchsorted(uniq, idx))].contiguous(), frame_indices=idx,
+                       pts_seconds=pts, valid=valid, num_source_frames=n, partial=bool(not valid.all()), info=info,
+                       message="; ".join(notes), decoder=f"nvdec-{data.device}")
+
+
+def _resized(frames: torch.Tensor, *sizes) -> torch.Tensor:
+    for s in sizes:  # resize_frames to each size that is not None, in turn
+        frames = frames if s is None else resize_frames(frames, s)
+    return frames
 
 
 def budget_size(path: str | os.PathLike, width: int, height: int) -> tuple[int, int] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -12,6 +13,7 @@ from arena.errors import OptionError
 from arena.tta import (
     VARIANTS,
     TrainAugmentConfig,
+    ssr_matrix,
     train_augment,
     train_augment_params,
     tta_spec,
@@ -164,3 +166,12 @@ def test_train_augment_params_and_config():
         TrainAugmentConfig(p_flip=1.5)
     with pytest.raises(ValueError, match="brightness must be in"):
         TrainAugmentConfig(brightness=0.9)
+
+
+def test_ssr_matrix_is_the_matrix_the_view_applies():
+    clip = _clip(t=2, h=40, w=56)
+    m = ssr_matrix(40, 56)
+    assert m.shape == (3, 3) and m.dtype == np.float64 and np.array_equal(m[2], [0.0, 0.0, 1.0])
+    img = np.ascontiguousarray(clip[0].permute(1, 2, 0).numpy())
+    warped = cv2.warpAffine(img, m[:2], (56, 40), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    assert np.array_equal(warped, tta_view(clip, "shift_scale_rotate")[0].permute(1, 2, 0).numpy())

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Issue 7's GPU check in ONE device call (≤ 8 minutes on one H100): install the carried wheels, make FFmpeg loadable,
-# then run tools/gpu_check.py (NVDEC vs CPU decode, features fp16 + channels_last vs naive vs bare backbone,
-# train-full steps at the seed's settings with cuda max allocated, submit timing -> 200 videos, pynvml readings).
+# The GPU check of issues 7 and 16 in ONE device call (≤ 8 minutes on one H100/H200): install the carried wheels and
+# PyNvVideoCodec, make FFmpeg loadable, then run tools/gpu_check.py, which prints ONE table: bare backbone frames/s;
+# the clip pipeline with CPU decode + albumentations views, CPU decode + tensor views on the GPU, NVDEC + tensor
+# views (each against the bare backbone); GPU views vs albumentations; NVDEC vs CPU decode (time, pixels, indices);
+# submit -> 200 videos; train-full step and peak CUDA memory; `arena features` end to end. Each row that fails says
+# why and the others still run.
 #
 # Prepare here (a machine with pip and apt), once:
 #     bash tools/gpu_check.sh --prepare        # fills .gpu/: wheels (py3.12), FFmpeg 7.1 libraries, videos
 # Run there (device tool):   command: bash tools/gpu_check.sh    carry: [".gpu"]    timeout_s: 540
 # Smoke-test here:           bash tools/gpu_check.sh --cpu-smoke   (tiny, CPU, no wheels, same Python steps)
 #
-# Results: $OUT/gpu_check.json, $OUT/env.txt (what loaded, what fell back), $OUT/raw.tgz (each step's json/log).
+# Results: $OUT/table.md (the table), $OUT/gpu_check.json, $OUT/env.txt (what loaded, what fell back, the table
+# again), $OUT/raw.tgz (each step's json/log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check_out}
@@ -23,6 +27,8 @@ if [[ "${1:-}" == "--prepare" ]]; then
     #                       Debian packages; the image has no FFmpeg at all
     #   .gpu/data/          competition-like videos (640x360, 10 s, 30 fps H.264), since there is no FFmpeg CLI
     #                       there to encode with
+    #   .gpu/pynvc.tar.xz   PyNvVideoCodec 2.2.4 (NVDEC), the package folders of its wheel only: ~6 MB, where the
+    #                       wheel is 27 MB (FFmpeg's source tarball, samples and notebooks ride along in it)
     set -e
     grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo /.gpu/ >> .git/info/exclude
     mkdir -p .gpu/whl /tmp/gpu_prep
@@ -36,6 +42,10 @@ if [[ "${1:-}" == "--prepare" ]]; then
         get .gpu/whl "$spec"
     done
     get /tmp/gpu_prep av==15.1.0   # bundles FFmpeg 7.1 (libavutil 59): one of the majors torchcodec supports
+    get /tmp/gpu_prep PyNvVideoCodec==2.2.4
+    rm -rf /tmp/gpu_prep/pynvc && mkdir -p /tmp/gpu_prep/pynvc
+    (cd /tmp/gpu_prep && unzip -q -o pynvvideocodec-2.2.4-*.whl -x 'samples/*' 'benchmarks/*' '*.data/*' -d pynvc)
+    tar -C /tmp/gpu_prep/pynvc -cJf .gpu/pynvc.tar.xz .
     rm -rf /tmp/gpu_prep/fflib && mkdir -p /tmp/gpu_prep/fflib
     (cd /tmp/gpu_prep && unzip -q -o -j av-15.1.0-*.whl 'av.libs/*' -d fflib)
     (cd /tmp/gpu_prep/fflib && for f in lib{avutil,avcodec,avformat,avdevice,avfilter,swscale,swresample}-*.so.*; do
@@ -44,12 +54,14 @@ if [[ "${1:-}" == "--prepare" ]]; then
     py=python3; [[ -x .venv/bin/python ]] && py=.venv/bin/python
     [[ -f .gpu/data/test_public.csv ]] || "$py" -m arena demo-data .gpu/data --preset competition --n-train 4 \
         --n-test 8 --force
-    du -sh .gpu/whl .gpu/fflib.tar.xz .gpu/data
+    du -sh .gpu/whl .gpu/fflib.tar.xz .gpu/pynvc.tar.xz .gpu/data
+    du -sh .gpu   # a device call carries at most 64 MiB
     exit 0
 fi
 
 if [[ "${1:-}" == "--cpu-smoke" ]]; then
-    exec python tools/gpu_check.py --out "$OUT" --device cpu --tiny --work /tmp/gpu_check_smoke
+    py=python3; [[ -x .venv/bin/python ]] && py=.venv/bin/python
+    exec "$py" tools/gpu_check.py --out "$OUT" --device cpu --tiny --work /tmp/gpu_check_smoke
 fi
 
 export PYTHONUNBUFFERED=1
@@ -69,6 +81,11 @@ exec > >(tee -a "$OUT/env.txt") 2>&1   # everything below is logged (no subshell
     if [[ -f .gpu/fflib.tar.xz ]]; then
         tar -C /tmp -xJf .gpu/fflib.tar.xz && export LD_LIBRARY_PATH=/tmp/fflib:${LD_LIBRARY_PATH:-}
     fi
+    # 2b. PyNvVideoCodec (NVDEC): its package folders, next to the wheels; a failure only costs the NVDEC rows
+    if [[ -f .gpu/pynvc.tar.xz ]]; then
+        mkdir -p /tmp/site && tar -C /tmp/site -xJf .gpu/pynvc.tar.xz \
+            && export PYTHONPATH=/tmp/site:${PYTHONPATH:-$PWD} || echo "PYNVVIDEOCODEC UNPACK FAILED"
+    fi
     # 3. in the first seconds: can torchcodec load FFmpeg and decode, on CPU and with NVDEC?
     timeout 60 python3 - <<'PY'
 import sys
@@ -81,9 +98,16 @@ except Exception as exc:  # noqa: BLE001
 PY
     tc=$?
     echo "torchcodec check rc=$tc after $(( $(date +%s) - t0 )) s"
+    timeout 60 python3 - <<'PY'
+try:  # NVDEC: whether the package loads (libnvcuvid from the driver) -- not fatal, its rows say why
+    import PyNvVideoCodec as nvc
+    print("PyNvVideoCodec", nvc.__version__, "cuda", getattr(nvc, "__cuda_version__", "?"))
+except Exception as exc:  # noqa: BLE001
+    print("PYNVVIDEOCODEC UNAVAILABLE:", repr(exc)[:500])
+PY
 }
 
-steps=${GPU_STEPS:-data,decode,features,train,submit}
+steps=${GPU_STEPS:-data,decode,pipeline,train,submit,features}
 if [[ "$tc" != "0" ]]; then
     # No decoder at all: still measure what needs none (train on random clips); record the failure.
     echo "torchcodec cannot load FFmpeg here: decode-free steps only"
@@ -91,16 +115,18 @@ if [[ "$tc" != "0" ]]; then
 fi
 data=()
 if [[ -f .gpu/data/test_public.csv ]]; then
-    data=(--data-from .gpu/data --n-train 4)   # 4 + 4 train and 8 test videos carried
+    data=(--data-from .gpu/data --n-train 4 --replicate 8)   # 4 + 4 train and 8 test videos carried, x 8
 elif ! command -v ffmpeg >/dev/null; then
     echo "no ffmpeg binary and no carried .gpu/data: the data step cannot encode"
 fi
-# Budget: data ~60 s (16 cores), decode ~20 s, features ~90 s, train ~60 s, submit ~90 s; each step capped at 150 s.
-# Budget (H100, 16 cores): data 0 s (carried), decode ~20 s, features ~90 s, train 2 x ~40 s, submit ~60 s.
-timeout 460 python3 tools/gpu_check.py --out "$OUT/raw" --device cuda --steps "$steps" --step-timeout 120 \
-    --work /tmp/gpu_check_work "${data[@]}" ${GPU_ARGS:-}
+# Budget (H100, 16 cores): setup ~40 s, data 0 s (carried), decode ~30 s, pipeline 4 rows x ~35 s, train
+# 2 x ~40 s, submit ~60 s, features ~40 s: ~6 minutes. gpu_check.py skips the steps left once its 380 s are spent,
+# and the table is printed from the JSON written after every step even if this timeout has to stop it.
+timeout 430 python3 tools/gpu_check.py --out "$OUT/raw" --device cuda --steps "$steps" --step-timeout 120 \
+    --budget 380 --work /tmp/gpu_check_work "${data[@]}" ${GPU_ARGS:-}
+[[ -f "$OUT/raw/table.md" ]] || python3 tools/gpu_check.py --out "$OUT/raw" --table-from "$OUT/raw/gpu_check.json"
 echo "total $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=temperature.gpu,memory.used --format=csv || true
 # At most 8 files come back from a device call: the summary, this log, and every per-step file in one archive.
-cp "$OUT/raw/gpu_check.json" "$OUT/" 2>/dev/null
+cp "$OUT/raw/gpu_check.json" "$OUT/raw/table.md" "$OUT/" 2>/dev/null
 tar -czf "$OUT/raw.tgz" -C "$OUT" raw && rm -rf "$OUT/raw"

@@ -120,3 +120,36 @@ def model_crop_options(f):
     f = click.option("--crop", type=click.Choice(["none", "faces"]), default=None,
                      help="Must match the model's crop mode (default: the model's); a mismatch is refused.")(f)
     return f
+
+
+# --- GPU pipeline (issue 16): where frames are decoded and where the TTA views are made -----------------------------
+
+
+def _check_decoder(ctx, param, value: str) -> str:
+    from arena.errors import OptionError
+    from arena.nvdec import use_nvdec  # torch: imported when a command runs, not for --help
+
+    try:
+        use_nvdec(value)  # refuses "nvdec" where CUDA or PyNvVideoCodec is missing, before any work starts
+    except OptionError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def decoder_option(default: str = "cpu"):
+    """``--decoder auto|cpu|nvdec`` (`arena.nvdec`): NVIDIA's hardware decoder through PyNvVideoCodec, or the CPU."""
+    return click.option("--decoder", type=click.Choice(["auto", "cpu", "nvdec"]), default=default,
+                        show_default=True, callback=_check_decoder,
+                        help="Video decoder: cpu (FFmpeg through torchcodec), nvdec (the GPU's NVDEC through "
+                             "PyNvVideoCodec, pip install 'arena[gpu]'; refused without CUDA) or auto (nvdec where it "
+                             "loads, else cpu). Files NVDEC cannot decode (rotated, 10-bit, 4:2:2/4:4:4, unsupported "
+                             "codec) are decoded on the CPU with a note. NVDEC's pixels may differ slightly from "
+                             "FFmpeg's.")
+
+
+def views_on_option(default: str = "cpu"):
+    """``--views-on cpu|device`` (`arena.clips.ClipDataset`): where the TTA views are made."""
+    return click.option("--views-on", type=click.Choice(["cpu", "device"]), default=default, show_default=True,
+                        help="Where the test-time views are made: cpu (albumentations in the decoding workers) or "
+                             "device (torch on the model's device, arena.tta_tensor: equal to cpu within 1 level on "
+                             "the shift-scale-rotate view, bit for bit on the others).")
