@@ -4,6 +4,11 @@ Design decisions:
 
 * Objective: validation log loss of the best epoch (early stopping restores it); AUC, accuracy and F1 are
   stored as trial user attributes. Validation uses the persisted split file, never test data.
+* On a K-fold split (``arena split --folds K``) the objective is, by default, the out-of-fold (OOF) log loss: the
+  K fold heads of a trial are trained together (`arena.cv_heads`) and every video is scored by the head that did
+  not train on it. ``cv=False`` keeps the holdout objective on fold 0. The objective is part of a CV study's
+  context and default name, so CV and holdout trials are never mixed; a CV study leaves the fold heads and the
+  OOF predictions behind (`arena.study_folds`).
 * ``n_trials`` is a *total target of finished trials* (complete or pruned) in the study, so running the same
   command again after an interruption resumes and stops at the same count (storage and recovery of trials of
   dead workers: ``arena.study_storage``).
@@ -11,8 +16,8 @@ Design decisions:
   killed and resumed proposes the same parameters as one that ran straight through.
 * A study is tied to its split, cache identity, search space and training settings (its context): a study made
   with others is refused rather than silently mixed. The cache itself serves every split.
-* The saved best head is retrained once with the best parameters and the same seed; training is
-  deterministic, so it equals the best trial's head (its validation loss is recorded next to the trial's).
+* The saved best head (the K fold heads of a CV study) is retrained once with the best parameters and the same
+  seed; training is deterministic, so it equals the best trial's (its loss is recorded next to the trial's).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from tqdm.auto import tqdm
 from arena._files import atomic_write_text
 from arena.cache import FeatureCache
 from arena.calibration import fit_calibration
+from arena.cv_heads import train_folds
 from arena.errors import ModelsError, OptionError, StudyError
 from arena.faces.modes import describe as describe_crop
 from arena.head_data import HeadDataStore, open_head_data
@@ -48,6 +54,7 @@ from arena.models_folder import (
     STUDY_SUMMARY_FILE,
     HeadCheckpoint,
 )
+from arena.study_folds import HOLDOUT_OBJECTIVE, OOF_OBJECTIVE, write_fold_outputs
 from arena.study_storage import (
     create_storage,
     finished_trials,
@@ -90,30 +97,41 @@ def suggest_params(trial: optuna.Trial | optuna.trial.FixedTrial, frame_choices:
 
 
 class Objective:
-    """Optuna objective: suggest head parameters, train on the cached train split, return val log loss."""
+    """Optuna objective: suggest head parameters, train, return the validation log loss (holdout) or the
+    out-of-fold log loss of the K fold heads (``cv``)."""
 
     def __init__(self, store: HeadDataStore, *, config: HeadTrainConfig = HeadTrainConfig(),
-                 frame_choices: Sequence[int] | None = None) -> None:
+                 frame_choices: Sequence[int] | None = None, cv: bool = False) -> None:
         self.store = store
         self.config = config
         self.frame_choices = store.check_frames(frame_choices or store.frame_counts)
+        self.cv = cv
 
     def __call__(self, trial: optuna.Trial | optuna.trial.FixedTrial) -> float:
         if isinstance(trial, optuna.Trial):
             trial.set_user_attr("worker", worker_identity())  # lets a later start recognise a dead worker's trial
         params = suggest_params(trial, self.frame_choices)
+        what = "OOF" if self.cv else "val"
 
-        def report(epoch: int, val_loss: float) -> None:
-            trial.report(val_loss, epoch)
+        def report(epoch: int, loss: float) -> None:
+            trial.report(loss, epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {epoch} with val log loss {val_loss:.4f}")
+                raise optuna.TrialPruned(f"pruned at epoch {epoch} with {what} log loss {loss:.4f}")
 
-        result = train_head(params, self.store.get(params.frames), config=self.config, on_epoch=report)
+        if self.cv:
+            folds = train_folds(params, self.store.get_folds(params.frames), config=self.config, on_epoch=report)
+            value, scores = folds.value, folds.metrics
+            trial.set_user_attr("best_epochs", folds.best_epochs)
+            trial.set_user_attr("fold_log_loss", [r.val_loss for r in folds.folds])
+            trial.set_user_attr("epochs_run", folds.epochs_run)
+        else:
+            result = train_head(params, self.store.get(params.frames), config=self.config, on_epoch=report)
+            value, scores = result.val_loss, result.metrics
+            trial.set_user_attr("best_epoch", result.best_epoch)
+            trial.set_user_attr("epochs_run", result.epochs_run)
         for key in ("auc", "accuracy", "f1", "mean_confidence"):
-            trial.set_user_attr(key, result.metrics[key])
-        trial.set_user_attr("best_epoch", result.best_epoch)
-        trial.set_user_attr("epochs_run", result.epochs_run)
-        return result.val_loss
+            trial.set_user_attr(key, scores[key])
+        return value
 
 
 def trial_sampler(seed: int, finished: int, running: int, n_startup: int) -> optuna.samplers.TPESampler:
@@ -134,7 +152,9 @@ def open_study(storage: BaseStorage, study_name: str, *, context: dict[str, Any]
     if stored is None:
         study.set_user_attr("context", context)
     else:
-        diffs = [f"{k}: study has {stored.get(k)!r}, now {v!r}" for k, v in context.items() if stored.get(k) != v]
+        keys = list(context) + [k for k in stored if k not in context]  # a key only one side has differs too
+        diffs = [f"{k}: study has {stored.get(k)!r}, now {context.get(k)!r}" for k in keys
+                 if stored.get(k) != context.get(k)]
         if diffs:
             raise StudyError(f"study {study_name!r} was made with different settings ({'; '.join(diffs)}); its "
                              "trials are not comparable. Use another --study-name (or delete the storage) to start "
@@ -145,8 +165,11 @@ def open_study(storage: BaseStorage, study_name: str, *, context: dict[str, Any]
 def run_study(store: HeadDataStore, *, storage: BaseStorage, study_name: str = "head", n_trials: int = 50,
               timeout: float | None = None, seed: int = 0, frame_choices: Sequence[int] | None = None,
               config: HeadTrainConfig = HeadTrainConfig(), context: dict[str, Any] | None = None,
-              n_startup_trials: int = 10, progress: bool = True) -> optuna.Study:
+              n_startup_trials: int = 10, progress: bool = True, cv: bool = False) -> optuna.Study:
     """Run trials until the study holds ``n_trials`` finished (complete or pruned) trials or ``timeout`` passes.
+
+    ``cv``: score trials by the out-of-fold log loss over the store's K folds (its context then names the
+    objective and the folds; a holdout study's context stays what it always was, so old studies resume).
 
     Returns:
         the ``optuna.Study``.
@@ -158,9 +181,11 @@ def run_study(store: HeadDataStore, *, storage: BaseStorage, study_name: str = "
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        objective = Objective(store, config=config, frame_choices=frame_choices)
+        objective = Objective(store, config=config, frame_choices=frame_choices, cv=cv)
         ctx = {"frame_choices": list(objective.frame_choices), "train_config": dataclasses.asdict(config),
                "seed": seed, "search_space": json.loads(json.dumps(SEARCH_SPACE)), **(context or {})}
+        if cv:
+            ctx.update(objective=OOF_OBJECTIVE, folds=store.folds)
         study = open_study(storage, study_name, context=ctx)
         recover_stale_trials(study)
         if not study.trials:
@@ -268,11 +293,14 @@ def _models_folder(models_dir: str | os.PathLike) -> Path:
 
 
 def finalize_study(study: optuna.Study, store: HeadDataStore, models_dir: str | os.PathLike, *,
-                   config: HeadTrainConfig = HeadTrainConfig(), extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write best_head_params.json, best_head.pt, study_summary.json and the plots; return the summary.
+                   config: HeadTrainConfig = HeadTrainConfig(), extra: dict[str, Any] | None = None,
+                   cv: bool = False) -> dict[str, Any]:
+    """Write best_head_params.json, the best head, study_summary.json and the plots; return the summary.
 
     The best trial's head is retrained (deterministic: the same weights) and saved as a `HeadCheckpoint`, with the
     temperature fitted on its validation logits per TTA view (`arena.calibration`: what the submission averages).
+    A CV study (``cv``) retrains its K fold heads instead and writes them, one out-of-fold temperature and the OOF
+    predictions (`arena.study_folds.write_fold_outputs`).
     """
     models = _models_folder(models_dir)
     summary = study_summary(study, extra={"train_config": dataclasses.asdict(config), **(extra or {})})
@@ -280,23 +308,12 @@ def finalize_study(study: optuna.Study, store: HeadDataStore, models_dir: str | 
     try:
         if best is not None:
             params = HeadParams.from_dict(best.params)
-            data = store.get(params.frames)
-            result = train_head(params, data, config=config)
             atomic_write_text(models / BEST_PARAMS_FILE,
                               json.dumps({**params.to_dict(), "hidden": HIDDEN}, indent=1))
-            ckpt = HeadCheckpoint(config=result.head_config, state_dict=result.state_dict, frames=data.frames,
-                                  params=params.to_dict(), metrics=result.metrics, provenance=store.provenance)
-            head = ckpt.build().to(data.val_x.device)
-            with torch.no_grad():  # logit differences [M, W] on raw features, 256 videos at a time
-                z = torch.cat([torch.stack([head(data.val_x[i:i + 256, w], data.val_mask[i:i + 256])[0].float()
-                                            .diff(dim=-1)[:, 0] for w in range(data.val_x.shape[1])], dim=1)
-                               for i in range(0, data.val_x.shape[0], 256)])
-            ckpt.calibration = fit_calibration(z.double().cpu().numpy(), data.val_y.cpu().numpy())
-            ckpt.save(models / BEST_HEAD_FILE)
-            summary["retrained"] = {"val_loss": result.val_loss, "trial_value": best.value,
-                                    "abs_diff": abs(result.val_loss - best.value), "metrics": result.metrics,
-                                    "calibration": ckpt.calibration}
-            summary["skipped_videos"] = data.skipped
+            summary.update(_save_cv(params, store, models, config) if cv else
+                           _save_holdout(params, store, models, config))
+            summary["retrained"]["trial_value"] = best.value
+            summary["retrained"]["abs_diff"] = abs(summary["retrained"]["val_loss"] - best.value)
         summary["plots"] = save_plots(study, models)
         atomic_write_text(models / STUDY_SUMMARY_FILE, json.dumps(summary, indent=1, default=str))
     except OSError as exc:
@@ -305,19 +322,46 @@ def finalize_study(study: optuna.Study, store: HeadDataStore, models_dir: str | 
     return summary
 
 
+def _save_holdout(params: HeadParams, store: HeadDataStore, models: Path, config: HeadTrainConfig) -> dict[str, Any]:
+    """Retrain the holdout head; write ``best_head.pt`` with its validation temperature."""
+    data = store.get(params.frames)
+    result = train_head(params, data, config=config)
+    ckpt = HeadCheckpoint(config=result.head_config, state_dict=result.state_dict, frames=data.frames,
+                          params=params.to_dict(), metrics=result.metrics, provenance=store.provenance)
+    head = ckpt.build().to(data.val_x.device)
+    with torch.no_grad():  # logit differences [M, W] on raw features, 256 videos at a time
+        z = torch.cat([torch.stack([head(data.val_x[i:i + 256, w], data.val_mask[i:i + 256])[0].float()
+                                    .diff(dim=-1)[:, 0] for w in range(data.val_x.shape[1])], dim=1)
+                       for i in range(0, data.val_x.shape[0], 256)])
+    ckpt.calibration = fit_calibration(z.double().cpu().numpy(), data.val_y.cpu().numpy())
+    ckpt.save(models / BEST_HEAD_FILE)
+    return {"retrained": {"val_loss": result.val_loss, "metrics": result.metrics, "calibration": ckpt.calibration},
+            "skipped_videos": data.skipped}
+
+
+def _save_cv(params: HeadParams, store: HeadDataStore, models: Path, config: HeadTrainConfig) -> dict[str, Any]:
+    """Retrain the K fold heads together; write them, the OOF temperature and predictions."""
+    data = store.get_folds(params.frames)
+    result = train_folds(params, data, config=config)
+    cv = write_fold_outputs(result, data, models, provenance=store.provenance)
+    return {"cv": cv, "skipped_videos": data.skipped,
+            "retrained": {"val_loss": result.value, "metrics": result.metrics, "calibration": cv["calibration"]}}
+
+
 # ------------------------------------------------------------------------------------------------ command
 
 
-def default_study_name(split_sha256: str) -> str:
-    """``head-<first 8 hex digits of split.json's sha256>``: one study per split."""
-    return f"head-{split_sha256[:8]}"
+def default_study_name(split_sha256: str, folds: int | None = None) -> str:
+    """``head-<first 8 hex digits of split.json's sha256>``, ``-cv<K>`` for a CV study over K folds: one study per
+    split and objective (a holdout study of the same split keeps its name and resumes)."""
+    return f"head-{split_sha256[:8]}" + (f"-cv{folds}" if folds else "")
 
 
 def tune_head(cache_path: str | os.PathLike, data_root: str | os.PathLike, models_dir: str | os.PathLike, *,
               n_trials: int = 50, timeout: float | None = None, storage: str | None = None,
               study_name: str | None = None, seed: int = 0, frames: Sequence[int] | None = None,
               epochs: int = 30, patience: int = 4, batch_size: int = 64, device: str = "auto",
-              progress: bool = True, crop: str | None = None) -> dict[str, Any]:
+              progress: bool = True, crop: str | None = None, cv: bool | None = None) -> dict[str, Any]:
     """``arena tune-head``: run/resume the study until ``n_trials`` finished trials, then write the outputs.
 
     Args:
@@ -328,6 +372,11 @@ def tune_head(cache_path: str | os.PathLike, data_root: str | os.PathLike, model
         device: auto, cpu, cuda or cuda:N.
         crop: ``none`` or ``faces``: the crop mode the cache must have been built with (None: whatever it has).
             The head is tuned on the cache's features, so it inherits the cache's crop settings.
+        cv: score trials by the out-of-fold log loss over the split's K folds and write the K fold heads (None:
+            whenever the split has K > 1 folds); False: the holdout objective on fold 0's train/validation parts.
+
+    Raises:
+        OptionError: ``cv=True`` on a split of one fold.
 
     Returns:
         the study summary (also written to ``<models>/study_summary.json``).
@@ -341,8 +390,12 @@ def tune_head(cache_path: str | os.PathLike, data_root: str | os.PathLike, model
             raise OptionError(f"--crop {crop}: the cache {cache_path} was built with crop "
                               f"{describe_crop(cache_crop)}; build a cache with `arena features --crop {crop}` first.")
     store, split = open_head_data(cache_path, data_root, models, device=device)
+    if cv and split.folds == 1:
+        raise OptionError(f"--cv: {split.path} holds one holdout, not folds; make K folds with `arena split "
+                          "--folds K --new-split`, or drop --cv.")
+    cv = split.folds > 1 if cv is None else cv
     cache_crop = store.provenance.get("crop") or {"mode": "none"}
-    study_name = study_name or default_study_name(split.sha256)
+    study_name = study_name or default_study_name(split.sha256, split.folds if cv else None)
     frame_choices = store.check_frames(frames) if frames else store.frame_counts
     config = HeadTrainConfig(max_epochs=epochs, patience=patience, batch_size=batch_size, seed=seed)
     # The study (not the cache) is tied to the split: its trials were measured on this split's validation part.
@@ -353,10 +406,11 @@ def tune_head(cache_path: str | os.PathLike, data_root: str | os.PathLike, model
     started = time.monotonic()
     study = run_study(store, storage=create_storage(url), study_name=study_name, n_trials=n_trials,
                       timeout=timeout, seed=seed, frame_choices=frame_choices, config=config, context=context,
-                      progress=progress)
+                      progress=progress, cv=cv)
     elapsed = time.monotonic() - started
-    summary = finalize_study(study, store, models, config=config, extra={
+    summary = finalize_study(study, store, models, config=config, cv=cv, extra={
         "storage": redact_url(url), "target_trials": n_trials, "seed": seed, "cache": str(cache_path),
-        "split_sha256": split.sha256, "frame_choices": list(frame_choices), "this_run_seconds": elapsed})
+        "split_sha256": split.sha256, "frame_choices": list(frame_choices), "this_run_seconds": elapsed,
+        "objective": OOF_OBJECTIVE if cv else HOLDOUT_OBJECTIVE, "folds": split.folds if cv else 1})
     summary["reached_target"] = sum(summary["states"].get(s, 0) for s in ("COMPLETE", "PRUNED")) >= n_trials
     return summary

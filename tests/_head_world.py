@@ -1,7 +1,9 @@
-"""A small synthetic feature cache for the head-tuning tests (test_head_train, test_study, test_frame_test).
+"""A small synthetic feature cache for the head-tuning tests (test_head_train, test_study, test_frame_test,
+test_cv_tune).
 
 80 placeholder videos (40 real, 40 fake), a split in ``models/split.json`` and ``cache.h5`` with separable
-features at the tiny scale of a random backbone; one training video's extraction failed.
+features at the tiny scale of a random backbone; one training video's extraction failed. ``cv_setup`` adds a
+3-fold split of the same videos in ``models_cv/split.json`` (the cache serves both).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def build_world(root: Path) -> dict:
 
 
 def copy_split(setup: dict, models: Path) -> Path:
-    """A fresh models folder holding only the world's split."""
+    """A fresh models folder holding only the world's split (of ``cv_setup``: its 3-fold split)."""
     models.mkdir(parents=True, exist_ok=True)
     (models / "split.json").write_bytes((setup["models"] / "split.json").read_bytes())
     return models
@@ -103,3 +105,15 @@ def setup(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def store(setup) -> HeadDataStore:
     return HeadDataStore.from_cache(FeatureCache.open(setup["cache"]), setup["split"])
+
+
+@pytest.fixture(scope="module")
+def cv_setup(setup) -> dict:
+    """The world plus a 3-fold split of its videos in ``models_cv`` (``split``: that split)."""
+    models = setup["root"] / "models_cv"
+    return {**setup, "models": models, "split": make_split(load_dataset(setup["data"]), models, folds=3)}
+
+
+@pytest.fixture(scope="module")
+def cv_store(cv_setup) -> HeadDataStore:
+    return HeadDataStore.from_cache(FeatureCache.open(cv_setup["cache"]), cv_setup["split"])

@@ -50,17 +50,29 @@ def _tune_threads(threads: int | None) -> None:
               help="torch CPU threads (default: torch's choice; use 1 per worker when several workers share cores).")
 @click.option("--crop", type=click.Choice(["none", "faces"]), default=None,
               help="Check that the cache was built with this crop mode (the head inherits the cache's crops).")
+@click.option("--cv/--no-cv", default=None,
+              help="On a K-fold split (`arena split --folds K`): score each trial by the out-of-fold log loss of its K "
+                   "fold heads and write them to folds/fold_<i>/ (default), or --no-cv: the holdout objective on fold "
+                   "0's train/validation parts.")
 def tune_head_cmd(cache, data, models, n_trials, timeout, storage, study_name, seed, frames, epochs, patience,
-                  batch_size, device, threads, crop):
-    """Optuna search over the attention head on cached features; objective: validation log loss."""
-    from arena.models_folder import BEST_HEAD_FILE, BEST_PARAMS_FILE, STUDY_SUMMARY_FILE
+                  batch_size, device, threads, crop, cv):
+    """Optuna search over the attention head on cached features; objective: validation log loss (out-of-fold on a
+    K-fold split)."""
+    from arena.models_folder import (
+        BEST_HEAD_FILE,
+        BEST_PARAMS_FILE,
+        FOLD_PREFIX,
+        FOLDS_DIR,
+        OOF_FILE,
+        STUDY_SUMMARY_FILE,
+    )
     from arena.study import tune_head
 
     _tune_threads(threads)
     try:
         s = tune_head(cache, data, models, n_trials=n_trials, timeout=timeout, storage=storage, study_name=study_name,
                       seed=seed, frames=frames, epochs=epochs, patience=patience, batch_size=batch_size, device=device,
-                      crop=crop)
+                      crop=crop, cv=cv)
     except KeyboardInterrupt:
         click.echo("interrupted: finished trials are kept in the study and the interrupted one is queued again; "
                    "run the same command to continue.", err=True)
@@ -71,10 +83,23 @@ def tune_head_cmd(cache, data, models, n_trials, timeout, storage, study_name, s
     if s.get("best_trial"):
         b = s["best_trial"]
         a = {k: b["user_attrs"].get(k, float("nan")) for k in ("auc", "accuracy", "f1")}
-        click.echo(f"best trial #{b['number']}: val log loss {b['value']:.4f}, AUC {a['auc']:.4f}, "
+        what = f"out-of-fold ({s['folds']} folds)" if "cv" in s else "val"
+        click.echo(f"best trial #{b['number']}: {what} log loss {b['value']:.4f}, AUC {a['auc']:.4f}, "
                    f"accuracy {a['accuracy']:.3f}, F1 {a['f1']:.3f}")
         click.echo(f"params: {b['params']}")
-        click.echo(f"wrote {Path(models) / BEST_HEAD_FILE}, {BEST_PARAMS_FILE}, {STUDY_SUMMARY_FILE}")
+        if "cv" in s:
+            cv_out, cal = s["cv"], s["cv"]["calibration"]
+            click.echo("per fold: " + ", ".join(f"{f['fold']}: log loss {f['log_loss']:.4f}, AUC "
+                                               + ("-" if f["auc"] is None else f"{f['auc']:.4f}")
+                                               for f in cv_out["per_fold"]))
+            click.echo(f"temperature {cal['temperature']:.3f} (fitted out of fold): log loss "
+                       f"{cal['log_loss_before']:.4f} -> {cal['log_loss_after']:.4f}")
+            click.echo(f"wrote {len(cv_out['fold_heads'])} fold heads ({Path(models) / FOLDS_DIR}/{FOLD_PREFIX}<i>/"
+                       f"{BEST_HEAD_FILE}), {OOF_FILE}, {BEST_PARAMS_FILE}, {STUDY_SUMMARY_FILE}")
+            for path in cv_out["removed"]:
+                click.echo(f"removed {path} (left by an earlier study; the fold heads are this folder's models)")
+        else:
+            click.echo(f"wrote {Path(models) / BEST_HEAD_FILE}, {BEST_PARAMS_FILE}, {STUDY_SUMMARY_FILE}")
     else:
         click.echo(f"no complete trial yet: nothing written but {STUDY_SUMMARY_FILE}")
     if s.get("skipped_videos"):
@@ -101,16 +126,22 @@ def tune_head_cmd(cache, data, models, n_trials, timeout, storage, study_name, s
 @click.option("--patience", type=click.IntRange(1, 1000), default=None, help="Default: the study's patience.")
 @device_option
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="torch CPU threads.")
-def frame_test_cmd(cache, data, models, frames, seed, epochs, patience, device, threads):
-    """Compare frame counts with the tuned head on the validation split; recommends by validation log loss."""
+@click.option("--cv/--no-cv", default=None,
+              help="On a K-fold split: compare by the out-of-fold log loss of the K fold heads and write "
+                   "frame_test.json to every fold folder too (default unless the study was --no-cv), or by fold 0's "
+                   "validation.")
+def frame_test_cmd(cache, data, models, frames, seed, epochs, patience, device, threads, cv):
+    """Compare frame counts with the tuned head on the validation split (out of fold on a K-fold split); recommends
+    by log loss."""
     from arena.frame_test import frame_test
-    from arena.models_folder import FRAME_TEST_FILE
 
     _tune_threads(threads)
-    out = frame_test(cache, data, models, frames=frames, seed=seed, epochs=epochs, patience=patience, device=device)
+    out = frame_test(cache, data, models, frames=frames, seed=seed, epochs=epochs, patience=patience, device=device,
+                     cv=cv)
     click.echo(f"{'frames':>6}  {'AUC':>6}  {'log loss':>8}  {'accuracy':>8}  {'avg conf (seed)':>15}")
     for k, r in out["results"].items():
         auc = "-" if r["auc"] is None else f"{r['auc']:.4f}"
         click.echo(f"{k:>6}  {auc:>6}  {r['log_loss']:>8.4f}  {r['accuracy']:>8.3f}  {r['mean_confidence']:>15.4f}")
-    click.echo(f"recommended: {out['recommended_frames']} frames (lowest validation log loss); the seed's criterion "
-               f"(average confidence) would pick {out['seed_criterion_pick']}. Wrote {Path(models) / FRAME_TEST_FILE}")
+    what = f"out-of-fold log loss, {out['folds']} folds" if "folds" in out else "validation log loss"
+    click.echo(f"recommended: {out['recommended_frames']} frames (lowest {what}); the seed's criterion "
+               f"(average confidence) would pick {out['seed_criterion_pick']}. Wrote {', '.join(out['written'])}")
