@@ -115,10 +115,13 @@ def _logits(p: dict[str, torch.Tensor], z: torch.Tensor, mask: torch.Tensor, alp
     shift = beta.unsqueeze(1)  # what standardisation (and input dropout) add to every frame: [H, 1 or B, d]
     if keep is not None:
         shift = shift * keep.squeeze(2)
-    bias = torch.baddbmm(p["pool.score.0.bias"].unsqueeze(1), shift, w1.transpose(1, 2))
-    s = torch.bmm(z.reshape(h, b * t, d), (w1 * alpha.unsqueeze(1)).transpose(1, 2)).view(h, b, t, -1)
-    s = torch.baddbmm(p["pool.score.2.bias"].unsqueeze(1), (s + bias.unsqueeze(2)).tanh().view(h, b * t, -1),
-                      p["pool.score.2.weight"].transpose(1, 2))
+    bias = torch.baddbmm(p["pool.score.0.bias"].unsqueeze(1), shift, w1.transpose(1, 2))  # [H, 1 or B, a]
+    w1 = (w1 * alpha.unsqueeze(1)).transpose(1, 2)
+    if keep is None:  # one bias per head: added by the matmul itself
+        s = torch.baddbmm(bias, z.reshape(h, b * t, d), w1)
+    else:  # one per video
+        s = (torch.bmm(z.reshape(h, b * t, d), w1).view(h, b, t, -1) + bias.unsqueeze(2)).view(h, b * t, -1)
+    s = torch.baddbmm(p["pool.score.2.bias"].unsqueeze(1), s.tanh(), p["pool.score.2.weight"].transpose(1, 2))
     scores = s.reshape(h, b, t).float()  # softmax in fp32 even under autocast, as AttentionPool
     mask = torch.where(mask.any(dim=-1, keepdim=True), mask, torch.ones_like(mask))
     weights = torch.softmax(scores.masked_fill(~mask, -math.inf), dim=-1)
@@ -173,11 +176,11 @@ class _Stack:
             self.steps[p] += 1
         steps = [self.steps[p] for p in chosen]
         device = self.alpha.device
-        neg_step = torch.tensor([-self.lr / (1 - beta1 ** t) for t in steps], device=device)
-        bias2 = torch.tensor([(1 - beta2 ** t) ** 0.5 for t in steps], device=device)
+        step_size = [self.lr / (1 - beta1 ** t) for t in steps]
+        bias2 = [(1 - beta2 ** t) ** 0.5 for t in steps]
+        same = len(set(steps)) == 1  # the usual case: one step count, scalars as torch's AdamW uses them
         sel = None if positions is None else torch.tensor(positions, device=device)
         for name, w in self.weights.items():
-            shape = (-1,) + (1,) * (w.ndim - 1)
             m, v = self.exp_avg[name], self.exp_avg_sq[name]
             param, grad = (w, w.grad) if sel is None else (w[sel], w.grad[sel])
             if sel is not None:
@@ -185,7 +188,13 @@ class _Stack:
             param.mul_(1 - self.lr * self.weight_decay)
             m.lerp_(grad, 1 - beta1)
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            param.add_(m * neg_step.view(shape) / (v.sqrt() / bias2.view(shape)).add_(_EPS))  # addcdiv's order
+            if same:
+                param.addcdiv_(m, (v.sqrt() / bias2[0]).add_(_EPS), value=-step_size[0])
+            else:  # per-head step counts (folds of other sizes took more steps): addcdiv's order of operations
+                shape = (-1,) + (1,) * (w.ndim - 1)
+                per_head = torch.tensor(bias2, device=device).view(shape)
+                param.add_(m * torch.tensor([-x for x in step_size], device=device).view(shape)
+                           / (v.sqrt() / per_head).add_(_EPS))
             if sel is not None:
                 w.index_copy_(0, sel, param)
                 self.exp_avg[name].index_copy_(0, sel, m)
@@ -404,7 +413,7 @@ def _result(params: HeadParams, data: FoldData, template: DetectorHead, best: li
         head.load_state_dict({**state, "feat_mean": mean[k], "feat_std": std[k]})
         rows = data.val_rows(k)
         dev_rows = rows.to(device)
-        probs = predict_probs(head.to(device), data.x[dev_rows][:, views], data.mask[dev_rows]).numpy()
+        probs = predict_probs(head.to(device), data.x[dev_rows.unsqueeze(1), views], data.mask[dev_rows]).numpy()
         oof[rows.numpy()] = probs
         summary = metrics.summary(y_all[rows.numpy()], probs)
         folds.append(HeadResult(params=params, val_loss=summary["log_loss"], metrics=summary, best_epoch=best_epoch,

@@ -90,6 +90,16 @@ def test_batched_fold_heads_equal_each_fold_trained_alone(cv_setup, cv_store, pa
     assert batched.value == pytest.approx(metrics.log_loss(data.y.numpy(), oof), abs=1e-12)
 
 
+def test_bf16_autocast_reaches_the_batched_heads(cv_store):
+    data, bf16 = cv_store.get_folds(8), dataclasses.replace(FAST, precision="bf16", max_epochs=4)
+    batched = train_folds(NOISY, data, config=bf16)
+    fp32 = train_folds(NOISY, data, config=dataclasses.replace(bf16, precision="fp32"))
+    assert batched.history != fp32.history  # bf16 really runs in bf16
+    for i, together in enumerate(batched.folds):  # and rounds as train_head's bf16 does, within bf16's precision
+        alone = train_head(NOISY, data.fold_data(i), config=bf16)
+        np.testing.assert_allclose(together.history, alone.history, rtol=0, atol=5e-3)
+
+
 def test_on_epoch_sees_the_oof_loss_and_may_stop_training(cv_store):
     data = cv_store.get_folds(6)
     seen = []
