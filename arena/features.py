@@ -4,6 +4,12 @@ The clip pipeline (`arena.clips`: decode -> TTA views -> backbone) is the one th
 the cache holds exactly what the full-video path computes. The cache's provenance (`provenance_for`) records what
 determines those numbers -- never the split: one cache serves every split and fold, and this stage neither reads
 nor writes the models folder.
+
+With ``pseudo`` (``--pseudo-fakes sbi:K``, `arena.pseudo.CachePseudoFakes`) every labelled real also gets K
+self-blended copies, cached as items ``<key>#sbi<i>`` labelled fake: blended from the real's decoded frames (no
+second decode), every TTA view made from the blended frames, stored with the real's frame indices and boxes. They
+are made for every labelled real, whatever the split; `arena.pseudo.pseudo_items` lets a consumer take those of its
+training part.
 """
 
 from __future__ import annotations
@@ -18,14 +24,15 @@ import torch
 from tqdm import tqdm
 
 from arena.cache import FEATURE_FORMAT, CacheWriter, Provenance, shard_items
-from arena.clips import ClipDataset, encode_views, iter_clips
+from arena.clips import ClipDataset, ClipViews, encode_views, iter_clips
 from arena.data import load_dataset
 from arena.faces.modes import crop_provenance, face_cropper
 from arena.faces.stage import FaceCropConfig
 from arena.model import DEFAULT_BACKBONE, FrameEncoder, create_encoder
+from arena.pseudo import CachePseudoFakes, blend_clip, face_box
 from arena.runtime import resolve_device
 from arena.sampling import FRAME_CHOICES, sampling_spec
-from arena.tta import VARIANTS, tta_spec
+from arena.tta import VARIANTS, tta_spec, tta_views
 from arena.video import DEFAULT_RESIZE
 
 #: The resize the decoder applies with either backend (`arena.video.resize_frames` or torchcodec's Resize); which
@@ -48,6 +55,7 @@ class RunSummary:
     no_face: list[str] = field(default_factory=list)  # face crops: videos with no face (whole frame, letterboxed)
     excluded: list[str] = field(default_factory=list)  # videos/CSV rows the data check skipped, with reasons
     warnings: list[str] = field(default_factory=list)  # other data-check warnings (e.g. a missing CSV)
+    pseudo: int = 0  # pseudo-fake items written (--pseudo-fakes)
 
     def lines(self) -> list[str]:
         rate = self.done / self.seconds if self.seconds > 0 else 0.0
@@ -57,6 +65,8 @@ class RunSummary:
             f"failed {len(self.failed)}; {self.seconds:.1f} s, {rate:.2f} videos/s, {fps:.1f} frames/s"
         ]
         out += [f"  failed {k}: {msg}" for k, msg in sorted(self.failed.items())]
+        if self.pseudo:
+            out.append(f"pseudo-fake items written: {self.pseudo}")
         if self.no_face:
             out.append(f"no face found in {len(self.no_face)} video(s), whole frame used (letterboxed): "
                        + ", ".join(self.no_face[:10]) + (" ..." if len(self.no_face) > 10 else ""))
@@ -70,8 +80,10 @@ class RunSummary:
 
 
 def provenance_for(encoder: FrameEncoder, *, variants: Sequence[str], frame_counts: Sequence[int],
-                   crop: FaceCropConfig | None = None) -> Provenance:
-    """The cache provenance that describes features made by ``encoder`` with these options."""
+                   crop: FaceCropConfig | None = None, pseudo: CachePseudoFakes | None = None,
+                   seed: int = 0) -> Provenance:
+    """The cache provenance that describes features made by ``encoder`` with these options (``seed``: the
+    pseudo-fakes' seed, recorded with them)."""
     return Provenance(
         backbone=encoder.name,
         weights_source=encoder.weights_source,
@@ -88,6 +100,7 @@ def provenance_for(encoder: FrameEncoder, *, variants: Sequence[str], frame_coun
         feature_dim=int(encoder.feature_dim),
         feature_format=FEATURE_FORMAT,
         crop=crop_provenance(crop),
+        pseudo_fakes=None if pseudo is None else pseudo.provenance(seed),
     )
 
 
@@ -109,6 +122,7 @@ def extract_features(
     shard: tuple[int, int] | None = None,
     precision: str = "auto",
     crop: FaceCropConfig | None = None,
+    pseudo: CachePseudoFakes | None = None,
 ) -> RunSummary:
     """Build (or resume) the feature cache for every train and test video of ``data``.
 
@@ -121,6 +135,8 @@ def extract_features(
         precision: autocast policy of `arena.runtime` (``auto`` or ``fp32``, ...).
         crop: face-centred crops (`arena.faces.FaceCropConfig`) instead of whole frames; None: whole frames. The
             detector runs in the decoding workers on the CPU, or batched on the GPU when ``device`` is CUDA.
+        pseudo: also cache K self-blended copies of every labelled real (seeded by ``seed``, the key and the
+            copy); a video whose copies are missing is decoded again, one that failed gets none.
 
     Returns:
         The run summary; the cache is complete when ``summary.failed`` is empty. Videos and CSV rows the data
@@ -133,7 +149,7 @@ def extract_features(
     )
     encoder = encoder.to(dev).eval().to(memory_format=torch.channels_last)
     variants = VARIANTS if tta else VARIANTS[:1]
-    prov = provenance_for(encoder, variants=variants, frame_counts=frame_counts, crop=crop)
+    prov = provenance_for(encoder, variants=variants, frame_counts=frame_counts, crop=crop, pseudo=pseudo, seed=seed)
 
     items = list(dataset.train) + list(dataset.test)
     if shard is not None:
@@ -142,39 +158,62 @@ def extract_features(
     summary = RunSummary(excluded=excluded, warnings=[w for w in dataset.report.warnings if w not in excluded])
     t0 = time.perf_counter()
     with CacheWriter(cache, prov, shard=shard) as writer:
-        done = writer.done_keys()
-        todo = [it for it in items if it.key not in done]
-        summary.skipped = len(items) - len(todo)
+        done, usable = writer.done_keys(), writer.done_keys(retry_failed=True)
+
+        def copies(it) -> list[tuple[int, str]]:  # the pseudo-fake copies a video still needs (none once it failed)
+            if pseudo is None or it.label != 0 or (it.key in done and it.key not in usable):
+                return []
+            return [(i, k) for i, k in enumerate(pseudo.keys(it.key)) if k not in done]
+
+        todo = [it for it in items if it.key not in done or copies(it)]
+        summary.skipped = sum(it.key in done for it in items)
         if limit is not None:
             todo = todo[:limit]
         clips = ClipDataset(todo, size=prov.input_size, variants=variants, frame_counts=frame_counts,
                             decode_device=DECODE_DEVICE, faces=face_cropper(crop, dev))
+        margin = None if crop is None else crop.margin
         bar = tqdm(total=len(todo), desc="features", unit="video", dynamic_ncols=True)
         for clip in iter_clips(clips, workers=workers):
             if clip.views is None:
-                writer.write_failure(clip.key, label=clip.label, message=clip.message)
+                if clip.key not in done:
+                    writer.write_failure(clip.key, label=clip.label, message=clip.message)
                 summary.failed[clip.key] = clip.message
             else:
-                feats = encode_views(encoder, clip.views, device=dev, frame_batch=frame_batch, precision=precision)
-                writer.write(
-                    clip.key,
-                    features=feats.numpy().astype(np.float16),
-                    frame_indices=clip.frame_indices,
-                    num_source_frames=clip.num_source_frames,
-                    label=clip.label,
-                    status=clip.status,
-                    message=clip.message,
-                    valid=clip.valid,
-                    boxes=None if clip.boxes is None else clip.boxes[0],
-                )
-                if clip.faces_found is False:
-                    summary.no_face.append(clip.key)
-                summary.done += 1
-                summary.partial += clip.status == "partial"
-                summary.frames += int(clip.views.shape[0] * clip.views.shape[1])
+                encode = dict(encoder=encoder, device=dev, frame_batch=frame_batch, precision=precision)
+                if clip.key not in done:
+                    _store(writer, clip, clip.key, clip.views, clip.label, **encode)
+                    if clip.faces_found is False:
+                        summary.no_face.append(clip.key)
+                    summary.done += 1
+                    summary.partial += clip.status == "partial"
+                    summary.frames += int(clip.views.shape[0] * clip.views.shape[1])
+                for i, key in copies(clip):  # from the decoded frames: every view is made from the blend
+                    frames = blend_clip(clip.views[variants.index("original")], pseudo.rng(seed, clip.key, i),
+                                        box=face_box(prov.input_size, margin, clip.faces_found),
+                                        config=pseudo.config)
+                    _store(writer, clip, key, tta_views(frames, variants), 1, **encode)
+                    summary.pseudo += 1
             bar.update(1)
             elapsed = time.perf_counter() - t0
             bar.set_postfix(fps=f"{summary.frames / max(elapsed, 1e-9):.1f}", failed=len(summary.failed))
         bar.close()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _store(writer: CacheWriter, clip: ClipViews, key: str, views: torch.Tensor, label: int | None, *,
+           encoder: FrameEncoder, device: torch.device, frame_batch: int, precision: str) -> None:
+    """Encode ``views`` (the clip's, or its pseudo-fake's) and write them under ``key`` with the clip's frame
+    indices, mask, status and main-track boxes."""
+    feats = encode_views(encoder, views, device=device, frame_batch=frame_batch, precision=precision)
+    writer.write(
+        key,
+        features=feats.numpy().astype(np.float16),
+        frame_indices=clip.frame_indices,
+        num_source_frames=clip.num_source_frames,
+        label=label,
+        status=clip.status,
+        message=clip.message,
+        valid=clip.valid,
+        boxes=None if clip.boxes is None else clip.boxes[0],
+    )

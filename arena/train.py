@@ -3,8 +3,10 @@
     split.json ─► ClipDataset (decode -> augment hook, in DataLoader workers) ─► Detector ─► AdamW
                           └── val: the "original" view ─► metrics ─► ReduceLROnPlateau / early stopping
 
-The augment hook (`arena.train_data.AugmentClip`): the ``--augment`` level's degradations (`arena.augment`, none
-by default), then `arena.tta.train_augment`'s flip/shift/brightness draw.
+The training clips (`arena.train_data.TrainClips`): with ``--pseudo-fakes sbi[:P]`` a real is joined in its batch,
+with probability P per epoch, by a self-blend of itself labelled fake (`arena.pseudo`; ``--train-on real`` keeps
+only the reals and their twins); then the augment hook (`arena.train_data.AugmentClip`): the ``--augment`` level's
+degradations (`arena.augment`, none by default), then `arena.tta.train_augment`'s flip/shift/brightness draw.
 
 One epoch = one pass over the training part of the persisted split, then one evaluation on its validation part.
 With ``cfg.fold = i`` the parts are fold i of a K-fold split (train on the other folds, validate on fold i) and
@@ -63,7 +65,15 @@ from arena.runtime import autocast, autocast_dtype, needs_grad_scaler, precision
 from arena.sampling import uniform_indices
 from arena.split import ensure_split, load_split
 from arena.train_config import TrainConfig, check_fold
-from arena.train_data import ClipBatch, CollateClips, eval_dataset, limit_items, train_dataset
+from arena.train_data import (
+    ClipBatch,
+    CollateClips,
+    PseudoFakeSampler,
+    eval_dataset,
+    limit_items,
+    train_dataset,
+    training_items,
+)
 from arena.train_model import build_model, calibrate_head_stats, load_tuned_head
 from arena.train_state import (
     LAST_FORMAT,
@@ -302,7 +312,7 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
         barrier(dist)
         if not dist.main:
             split = load_split(dataset, models)
-    train_items = limit_items(split.train, cfg.limit_train, cfg.seed)
+    train_items = limit_items(training_items(split.train, cfg.train_on), cfg.limit_train, cfg.seed)
     val_items = limit_items(split.val, cfg.limit_val, cfg.seed + 1)
 
     # --- model, head init, optimiser. A fold starts from its own tuned head (the parent's was tuned with this
@@ -344,6 +354,7 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
         "world_size": dist.world, "optimizer": "AdamW", "scheduler": "ReduceLROnPlateau(val loss, factor 0.1)",
         "early_stopping": "val loss", "checkpoint": cfg.best_path.name, "train_augment": train_augment_spec(),
         "augment_policy": augment_spec(cfg.augment), "crop": crop_provenance(cfg.crop),
+        "pseudo_fakes_policy": None if cfg.pseudo is None else cfg.pseudo.record(),
     }
     if cfg.fold is not None:
         resolved["folds"] = split.folds
@@ -403,10 +414,14 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
     # --- loaders (workers decode; the sampler hands them (epoch, index) keys)
     size = tuple(unwrap(model).encoder.input_size)
     train_ds = train_dataset(train_items, frames=frames, size=size, seed=cfg.seed, faces=faces,
-                             augment=cfg.augment)
+                             augment=cfg.augment, pseudo=cfg.pseudo)
     val_ds = eval_dataset(val_items, frames=frames, size=size, faces=faces)
-    train_sampler = EpochSampler(train_ds, world=dist.world, rank=dist.rank, shuffle=True, seed=cfg.seed,
-                                 labels=[it.label for it in train_items] if cfg.balanced else None)
+    if cfg.pseudo is not None:  # each twinned real next to its pseudo-fake twin
+        train_sampler = PseudoFakeSampler(train_ds, world=dist.world, rank=dist.rank, seed=cfg.seed,
+                                          balanced=cfg.balanced)
+    else:
+        train_sampler = EpochSampler(train_ds, world=dist.world, rank=dist.rank, shuffle=True, seed=cfg.seed,
+                                     labels=[it.label for it in train_items] if cfg.balanced else None)
     val_sampler = EpochSampler(val_ds, world=dist.world, rank=dist.rank, shuffle=False, seed=cfg.seed)
 
     def loader(ds, sampler) -> DataLoader:
@@ -423,8 +438,9 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
     if dist.main:
         fold = "" if cfg.fold is None else f" fold {cfg.fold} of {split.folds}"
         log.info("train-full%s: %d train / %d val videos, %d frames at %s, batch %d x accum %d x %d process(es), "
-                 "precision %s, augment %s, device %s; outputs in %s", fold, len(train_items), len(val_items), frames,
-                 size, cfg.batch_size, cfg.accum_steps, dist.world, resolved["amp_dtype"], cfg.augment, device, out)
+                 "precision %s, augment %s, pseudo-fakes %s (train on %s), device %s; outputs in %s", fold,
+                 len(train_items), len(val_items), frames, size, cfg.batch_size, cfg.accum_steps, dist.world,
+                 resolved["amp_dtype"], cfg.augment, cfg.pseudo_fakes or "off", cfg.train_on, device, out)
         log.info("resolved config: %s", json.dumps(resolved, sort_keys=True))
 
     # --- epochs
@@ -482,7 +498,8 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
             summarise(elapsed)
             fold_name = "" if cfg.fold is None else f" fold {cfg.fold}"
             plot_curves(history, curves_path, title=f"{cfg.short_name} train-full{fold_name} ({frames} frames, "
-                        f"{resolved['image_size']} px, seed {cfg.seed}, augment {cfg.augment})")
+                        f"{resolved['image_size']} px, seed {cfg.seed}, augment {cfg.augment}"
+                        + (f", pseudo-fakes {cfg.pseudo_fakes}, train on {cfg.train_on})" if cfg.pseudo_fakes else ")"))
         barrier(dist)  # nobody starts the next epoch before the files of this one exist
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)

@@ -12,8 +12,10 @@ from arena.errors import OptionError
 from arena.faces.stage import FaceCropConfig
 from arena.limits import MAX_FRAMES, MAX_IMAGE_SIZE, MAX_WORKERS, MIN_IMAGE_SIZE
 from arena.models_folder import LAST_FILE, finetuned_name, fold_dir
+from arena.pseudo import PseudoFakes, parse_train_spec
 from arena.runtime import PRECISIONS, check_device_name
 from arena.split import AFTER_NEW_SPLIT, SPLIT_FILE, stored_parts
+from arena.train_data import TRAIN_ON
 
 #: ``--amp`` values: the precisions of `arena.runtime`; ``off`` (older runs) is read as ``fp32``.
 AMP_CHOICES = (*PRECISIONS, "off")
@@ -50,6 +52,11 @@ class TrainConfig:
         crop: face-centred crops (`arena.faces.FaceCropConfig`) for training and validation clips; None: whole
             frames. Stored in the checkpoint's config, so submit cuts frames the same way.
         augment: the training clips' degradations (`arena.augment`): ``none``, ``light`` or ``strong``.
+        pseudo_fakes: ``sbi`` or ``sbi:P`` (`arena.pseudo.parse_train_spec`, stored normalised as ``sbi:1``):
+            each training real is joined in its batch, with probability P per epoch (default 1), by a self-blend of
+            itself labelled fake (`arena.train_data.TrainClips`); None: off.
+        train_on: ``all`` the training part's videos, or ``real`` its reals only (the SBI protocol; needs
+            ``pseudo_fakes``). Validation is the same either way.
         fold: train fold ``i`` of the K-fold split in ``models/split.json`` (train on the other folds, validate on
             fold i) into ``models/folds/fold_<i>``, starting from that folder's ``best_head.pt`` and frame test
             (else the parent's frame test); None: the split's train/validation parts, outputs in ``models``.
@@ -92,6 +99,8 @@ class TrainConfig:
     crop: FaceCropConfig | None = None
     empty_cache_each_video: bool = False
     augment: Literal["none", "light", "strong"] = "none"
+    pseudo_fakes: str | None = None
+    train_on: Literal["all", "real"] = "all"
     fold: int | None = None
 
     def __post_init__(self) -> None:
@@ -99,7 +108,8 @@ class TrainConfig:
         self.data, self.models = str(self.data), str(self.models)
         self.weights = None if self.weights is None else str(self.weights)
         for name, allowed in (("amp", AMP_CHOICES), ("resume", RESUME_CHOICES), ("head_init", HEAD_INIT_CHOICES),
-                              ("head_stats", HEAD_STATS_CHOICES), ("augment", AUGMENT_CHOICES)):
+                              ("head_stats", HEAD_STATS_CHOICES), ("augment", AUGMENT_CHOICES),
+                              ("train_on", TRAIN_ON)):
             value = getattr(self, name)
             _need(value in allowed, f"Invalid --{name.replace('_', '-')} ({value}). Supported values are "
                                     f"{', '.join(allowed)}.")
@@ -131,6 +141,16 @@ class TrainConfig:
         _need(0 < self.vram_warn_frac <= 1, f"--vram-warn must be in (0, 1], got {self.vram_warn_frac}")
         _need(self.fold is None or (isinstance(self.fold, int) and self.fold >= 0),
               f"--fold must be a fold number >= 0 (or all), got {self.fold!r}")
+        if self.pseudo_fakes is not None:
+            self.pseudo_fakes = parse_train_spec(self.pseudo_fakes).spec  # one spelling in run records
+        _need(self.train_on == "all" or self.pseudo_fakes is not None,
+              "--train-on real trains on the reals and their pseudo-fakes only: add --pseudo-fakes sbi (or train "
+              "on all).")
+
+    @property
+    def pseudo(self) -> PseudoFakes | None:
+        """The ``pseudo_fakes`` setting, parsed; None when off."""
+        return None if self.pseudo_fakes is None else parse_train_spec(self.pseudo_fakes)
 
     @property
     def short_name(self) -> str:

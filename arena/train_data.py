@@ -3,12 +3,15 @@ a seeded class-balanced subset for quick runs, and the collation of `ClipViews` 
 
 Training and validation clips come from exactly the decode the cache and the submission use; training adds, from a
 generator seeded by (seed, epoch, index), the ``--augment`` level's degradations (`arena.augment`; none by default)
-and then one `arena.tta.train_augment` draw per clip; validation takes the ``original`` view. A video that cannot
-be decoded stays in its batch with weight 0 and is reported, never replaced.
+and then one `arena.tta.train_augment` draw per clip; validation takes the ``original`` view. With
+``--pseudo-fakes`` (`arena.pseudo`; off by default) a real's twin, its self-blend labelled fake, sits beside it in
+the batch (`PseudoFakeSampler`). A video that cannot be decoded stays in its batch with weight 0 and is reported,
+never replaced.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,8 +20,13 @@ import torch
 
 from arena.augment import check_level, degrade
 from arena.clips import ClipDataset, ClipViews
+from arena.distributed import EpochSampler
+from arena.errors import OptionError
 from arena.faces.stage import FaceCropper
+from arena.pseudo import PseudoFakes, blend_clip, face_box
 from arena.tta import train_augment
+
+TRAIN_ON = ("all", "real")
 
 
 @dataclass(frozen=True)
@@ -41,11 +49,108 @@ class AugmentClip:
         return train_augment(frames, rng=rng)
 
 
+class TrainClips(ClipDataset):
+    """Training clips: the decoded clip (face crops of the main track first, with ``faces``), then ``hook``; with
+    ``pseudo``, a real's twin is the same clip self-blended (`arena.pseudo`) and labelled fake.
+
+    Keys are ``(epoch, index)`` (`arena.distributed.EpochSampler`) or ``(epoch, index, 1)`` for the twin of real
+    ``index`` (`PseudoFakeSampler` asks for it, beside the real, in the epochs `is_twinned` says). Every draw comes
+    from generators seeded by (seed, epoch, index): the hook from ``default_rng([seed, epoch, index])`` exactly as
+    `ClipDataset` passes it, the blend from that generator's child 1 (`arena.pseudo.PseudoFakes.draw`). So a
+    clip is the one `ClipDataset` with ``augment=hook`` gives, bit for bit, and a twin is its real with the blend
+    inserted before the hook: the same flip, shift and degradations, only the blend differs. Only the main face
+    track is blended (training reads no other). A twin's ``index`` is ``len(items) + index``.
+    """
+
+    def __init__(self, items: Sequence, *, frames: int, size: tuple[int, int], seed: int,
+                 faces: FaceCropper | None = None, hook: AugmentClip | None = None,
+                 pseudo: PseudoFakes | None = None) -> None:
+        super().__init__(items, size=size, frames=frames, variants=("original",), seed=seed, faces=faces)
+        self.hook = hook or AugmentClip()
+        self.pseudo = pseudo
+
+    def is_twinned(self, epoch: int, index: int) -> bool:
+        """Whether real ``index`` has its pseudo-fake twin in ``epoch`` (probability ``pseudo.p``; fakes never)."""
+        return (self.pseudo is not None and self.items[index].label == 0
+                and self.pseudo.draw(self.seed, epoch, index)[0])
+
+    def __getitem__(self, key: int | tuple[int, ...]) -> ClipViews:
+        epoch, i, twin = (*key, 0)[:3] if isinstance(key, tuple) else (0, key, 0)
+        clip = super().__getitem__((epoch, i))  # the original view of every track, un-augmented
+        if not clip.ok:
+            return clip if not twin else dataclasses.replace(clip, label=1, index=len(self.items) + i)
+        tracks = [clip.views[0], *(v[0] for v in clip.track_views)]
+        if twin:
+            if self.pseudo is None or clip.label != 0:
+                raise ValueError(f"clip {i} ({clip.key}) has no pseudo-fake twin: only reals do, with pseudo-fakes on")
+            margin = self.faces.config.margin if self.faces is not None else None
+            rng = self.pseudo.draw(self.seed, epoch, i)[1]
+            tracks[0] = blend_clip(tracks[0], rng, box=face_box(self.size, margin, clip.faces_found),
+                                   config=self.pseudo.config)
+        views = [self.hook(t, np.random.default_rng([self.seed, epoch, i])).unsqueeze(0) for t in tracks]
+        return dataclasses.replace(clip, views=views[0], track_views=tuple(views[1:]),
+                                   label=1 if twin else clip.label, index=len(self.items) + i if twin else i)
+
+
 def train_dataset(items: Sequence, *, frames: int, size: tuple[int, int], seed: int,
-                  faces: FaceCropper | None = None, augment: str = "none") -> ClipDataset:
-    """Training clips, augmented at ``augment`` (`arena.augment.LEVELS`; face crops of the main track first, with
-    ``faces``); index with ``(epoch, index)`` keys (`arena.distributed.EpochSampler`)."""
-    return ClipDataset(items, size=size, frames=frames, augment=AugmentClip(augment), seed=seed, faces=faces)
+                  faces: FaceCropper | None = None, augment: str = "none",
+                  pseudo: PseudoFakes | None = None) -> TrainClips:
+    """Training clips with ``pseudo``'s pseudo-fakes (None: none), augmented at ``augment``
+    (`arena.augment.LEVELS`); index with ``(epoch, index)`` keys (`arena.distributed.EpochSampler`)."""
+    return TrainClips(items, size=size, frames=frames, seed=seed, faces=faces, hook=AugmentClip(augment),
+                      pseudo=pseudo)
+
+
+def training_items(items: Sequence, train_on: str) -> list:
+    """The training part's videos ``--train-on`` trains on: ``all``, or ``real`` (the SBI protocol: the reals
+    only, the fakes coming from ``--pseudo-fakes``)."""
+    if train_on not in TRAIN_ON:
+        raise OptionError(f"Invalid --train-on ({train_on}). Supported values are {', '.join(TRAIN_ON)}.")
+    return list(items) if train_on == "all" else [it for it in items if it.label == 0]
+
+
+class PseudoFakeSampler(EpochSampler):
+    """The training order with pseudo-fakes: every twinned real (`TrainClips.is_twinned`) next to its twin, so a
+    batch of an even size holds both; the other clips class-balanced as `EpochSampler` pairs them (``balanced``),
+    else in pairs as they come. The pairs are shuffled together; under DDP each rank gets whole pairs.
+
+    A real and its own blend differ only inside the mask: in one batch (train-mode BatchNorm normalises them
+    together) the blend's trace is the only thing that tells them apart, which is what SBI trains on and what makes
+    it learnable from a random-init backbone in few steps.
+    """
+
+    def __init__(self, dataset: TrainClips, *, world: int, rank: int, seed: int, balanced: bool = True) -> None:
+        super().__init__(dataset, world=world, rank=rank, shuffle=True, seed=seed)
+        self.dataset = dataset
+        self.balanced = balanced
+
+    def _keys(self) -> list[tuple[int, ...]]:
+        ds, e = self.dataset, self.epoch
+        g = np.random.default_rng([self.seed, e, 19])
+        labels = np.array([it.label for it in ds.items], dtype=np.int64)
+        twinned = [i for i in np.flatnonzero(labels == 0).tolist() if ds.is_twinned(e, i)]
+        pairs: list[list[tuple[int, ...]]] = [[(e, i), (e, i, 1)] for i in twinned]
+        rest = np.setdiff1d(np.arange(len(labels)), twinned)
+        if self.balanced:
+            real = g.permutation(rest[labels[rest] == 0]).tolist()
+            fake = g.permutation(rest[labels[rest] == 1]).tolist()
+            m = min(len(real), len(fake))
+            singles = [i for pair in zip(real[:m], fake[:m], strict=True) for i in pair]
+            singles += g.permutation(np.array(real[m:] + fake[m:], dtype=np.int64)).tolist()
+        else:
+            singles = g.permutation(rest).tolist()
+        pairs += [[(e, i) for i in singles[j:j + 2]] for j in range(0, len(singles), 2)]
+        # shuffled, a lone clip (an odd count) last: every pair then fills two places of one even-sized batch
+        pairs = sorted((pairs[j] for j in g.permutation(len(pairs))), key=len, reverse=True)
+        while len(pairs) % self.world:  # every rank the same number of steps (DDP)
+            pairs.append(pairs[len(pairs) % max(1, len(twinned) or 1)])
+        return [key for pair in pairs[self.rank::self.world] for key in pair]
+
+    def __iter__(self):
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
 
 
 def eval_dataset(items: Sequence, *, frames: int, size: tuple[int, int],

@@ -17,6 +17,9 @@ Layout of a compacted cache file (``format = "arena-feature-cache"``, ``format_v
 
 Format 1 has the same datasets; only its provenance has other fields (`arena.cache.provenance`), so it is read.
 
+Pseudo-fake items (``arena features --pseudo-fakes``) are entries like any other, keyed ``<source key>#<method><i>``
+(`pseudo_key`): a dataset key always ends with a video extension, so such a key never names a dataset video.
+
 Staged parts: ``<cache>.parts/provenance.json`` (written first) and one ``<sha256(key)[:40]>.npz`` per finished
 video (features [U, V, d], frame_indices, valid, boxes [U, 4] with face crops, and a JSON ``meta`` with the
 provenance fingerprint). Readers see the main file plus the staged parts as one cache; a part is newer than the
@@ -28,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -46,6 +50,23 @@ READABLE_VERSIONS = (1, 2)
 STATUSES = ("ok", "partial", "failed")
 PART_SUFFIX = ".npz"
 PROVENANCE_FILE = "provenance.json"
+
+
+#: A pseudo-fake item's key: its source video's key, ``#``, the method and the copy's number (``a.mp4#sbi0``).
+_PSEUDO_KEY = re.compile(r"^(?P<source>.+)#(?P<method>[a-z]+)(?P<index>[0-9]+)$", re.DOTALL)
+
+
+def pseudo_key(source: str, method: str, index: int) -> str:
+    """The cache key of pseudo-fake copy ``index`` of the video ``source`` (`pseudo_source` inverts it)."""
+    if not re.fullmatch("[a-z]+", method) or int(index) < 0:
+        raise ValueError(f"pseudo-fake method must be lowercase letters and index >= 0, got {method!r}, {index!r}")
+    return f"{source}#{method}{int(index)}"
+
+
+def pseudo_source(key: str) -> str | None:
+    """The source video's key of a pseudo-fake item's key; None for a dataset video's key."""
+    match = _PSEUDO_KEY.match(key)
+    return None if match is None else match["source"]
 
 
 def rebuild_hint(path: str | os.PathLike) -> str:

@@ -7,6 +7,9 @@ part of it: features do not depend on them, so one cache serves every split and 
 Caches written before face crops existed have no ``crop`` field: they were built from whole frames, so they are
 read as ``{"mode": "none"}`` (`NO_CROP`).
 
+Caches with pseudo-fake items (``arena features --pseudo-fakes``) record how they were made in ``pseudo_fakes``; a
+cache without them stores no such field, so its bytes are those of a cache written before the field existed.
+
 Caches of format version 1 stored two more fields (``split_sha256``, ``arena_version``) and lacked the newer ones
 (``decoder``, ``sampling``, ``feature_format``; their ``interpolation`` was the backbone's nominal value, not the
 one applied). They are read as built with `V1_BUILT_WITH`: the values the code of that release applied, which are
@@ -68,6 +71,8 @@ class Provenance:
         feature_format: `FEATURE_FORMAT` of the code that wrote the features.
         crop: ``{"mode": "none"}`` (whole frames) or ``{"mode": "faces", ...}`` with every face-crop setting and the
             detector's package version (`arena.faces.FaceCropConfig.to_dict`).
+        pseudo_fakes: None (no pseudo-fake items), or how the cache's pseudo-fake items were made (method, copies
+            per labelled real, seed, the draw's settings: `arena.pseudo.CachePseudoFakes.provenance`).
     """
 
     backbone: str
@@ -85,6 +90,7 @@ class Provenance:
     feature_dim: int
     feature_format: int
     crop: dict = dataclasses.field(default_factory=lambda: dict(NO_CROP))
+    pseudo_fakes: dict | None = None
 
     def __post_init__(self) -> None:
         def norm(name: str, value: Any) -> None:
@@ -115,7 +121,9 @@ class Provenance:
             norm(name, operator.index(getattr(self, name)))
         if not isinstance(self.crop, dict) or self.crop.get("mode") not in ("none", "faces"):
             raise ValueError(f"Provenance.crop must be a dict with mode none or faces, got {self.crop!r}")
-        for name in ("decoder", "tta", "sampling", "crop"):
+        if self.pseudo_fakes is not None and not isinstance(self.pseudo_fakes, dict):
+            raise ValueError(f"Provenance.pseudo_fakes must be None or a dict, got {self.pseudo_fakes!r}")
+        for name in ("decoder", "tta", "sampling", "crop", *(("pseudo_fakes",) if self.pseudo_fakes else ())):
             try:  # a JSON round trip makes tuples lists and keys strings: the stored and the live spec compare equal
                 norm(name, json.loads(json.dumps(dict(getattr(self, name)), sort_keys=True)))
             except (TypeError, ValueError) as exc:
@@ -128,13 +136,13 @@ class Provenance:
 
     def to_json(self) -> str:
         """Canonical JSON: the same provenance always gives the same string (stored in the file)."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        return json.dumps(_fields(self), sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Provenance:
         """Inverse of :meth:`to_dict`; refuses missing or unknown fields."""
         names = {f.name for f in dataclasses.fields(cls)}
-        missing, unknown = sorted(names - set(data)), sorted(set(data) - names)
+        missing, unknown = sorted(names - set(data) - {"pseudo_fakes"}), sorted(set(data) - names)
         if missing or unknown:
             raise ValueError(f"provenance fields missing: {missing or 'none'}; unknown: {unknown or 'none'}")
         return cls(**data)
@@ -167,6 +175,14 @@ class Provenance:
             for name in a
             if name not in skip and a[name] != b[name]
         ]
+
+
+def _fields(provenance: Provenance) -> dict[str, Any]:
+    """The stored fields: all of them, less ``pseudo_fakes`` when there are none (the bytes of earlier caches)."""
+    fields = dataclasses.asdict(provenance)
+    if fields["pseudo_fakes"] is None:
+        del fields["pseudo_fakes"]
+    return fields
 
 
 def _plain(provenance: Provenance) -> dict[str, Any]:

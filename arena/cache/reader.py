@@ -2,6 +2,10 @@
 
 The index is loaded at open; the features block is contiguous and memory-mapped on first use, so a batch gathers
 only the rows it needs and the OS page cache serves repeated reads (tools/bench_cache.py).
+
+``keys`` are the dataset's videos only: the pseudo-fake items a cache may also hold (``arena features
+--pseudo-fakes``, keys ``<source>#sbi<i>``) are listed apart in ``pseudo_keys``, so a consumer that enumerates the
+cache's videos never mistakes one for a video of the dataset; `arena.pseudo.pseudo_items` picks the ones to train on.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from arena.cache.layout import STATUSES, Entry, Source, Store, parts_dir, rebuild_hint
+from arena.cache.layout import STATUSES, Entry, Source, Store, parts_dir, pseudo_source, rebuild_hint
 from arena.cache.provenance import Provenance
 from arena.cache.shards import expand_paths
 from arena.errors import CacheError
@@ -29,7 +33,9 @@ class FeatureCache:
         self._entries = dict(sorted(entries.items()))
         self.provenance = provenance
         self.paths: list[Path] = [s.path for s in stores]
-        self.keys = [k for k, e in self._entries.items() if e.status != "failed"]
+        usable = [k for k, e in self._entries.items() if e.status != "failed"]
+        self.keys = [k for k in usable if pseudo_source(k) is None]  # the dataset's videos
+        self.pseudo_keys = [k for k in usable if pseudo_source(k) is not None]  # pseudo-fake items, apart
         self._variant_index = {v: i for i, v in enumerate(provenance.variants)}
 
     @classmethod
@@ -75,7 +81,8 @@ class FeatureCache:
 
     def _check_expected(self, expect: Provenance) -> None:
         where = ", ".join(map(str, self.paths))
-        differences = self.provenance.diff(expect, ignore=("frame_counts", "variants"))
+        # Pseudo-fake items are extra entries: the videos' features are the same with or without them.
+        differences = self.provenance.diff(expect, ignore=("frame_counts", "variants", "pseudo_fakes"))
         if differences:
             raise CacheError(
                 f"Feature cache {where} does not match the current configuration ("
@@ -87,7 +94,7 @@ class FeatureCache:
                              f"{rebuild_hint(self.paths[0])}")
         for k in expect.frame_counts:
             if k not in self.provenance.frame_counts:
-                for key in self.keys:
+                for key in (*self.keys, *self.pseudo_keys):
                     self._positions(key, k)  # raises CacheError naming the first uncovered video
 
     # -- per video ---------------------------------------------------------------------------------------------------
@@ -240,7 +247,8 @@ class FeatureCache:
     def info(self) -> dict[str, Any]:
         """Summary for `arena cache info`."""
         rows = sum(e.row_count for e in self._entries.values())
-        return {"paths": [str(p) for p in self.paths], "videos": len(self._entries), **self.counts(), "rows": rows,
+        return {"paths": [str(p) for p in self.paths], "videos": len(self._entries), **self.counts(),
+                "pseudo_fakes": len(self.pseudo_keys), "rows": rows,
                 "size_bytes": self.size_bytes(), "staged": any(s.has_parts() for s in self._stores),
                 "provenance": self.provenance.to_dict()}
 

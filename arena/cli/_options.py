@@ -122,6 +122,44 @@ def model_crop_options(f):
     return f
 
 
+def _pseudo_spec(kind: str):
+    """A ``--pseudo-fakes`` callback: the ``train`` or ``cache`` spec through `arena.pseudo`'s parser (None when
+    not given), refused with its message."""
+
+    def callback(ctx, param, value: str | None):
+        if value is None:
+            return None
+        from arena.errors import OptionError
+        from arena.pseudo import parse_cache_spec, parse_train_spec  # torch: imported when the option is given
+
+        try:
+            return (parse_train_spec if kind == "train" else parse_cache_spec)(value)
+        except OptionError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return callback
+
+
+def train_pseudo_options(f):
+    """``--pseudo-fakes sbi[:P]`` and ``--train-on all|real`` (``train-full``)."""
+    f = click.option("--train-on", type=click.Choice(["all", "real"]), default="all", show_default=True,
+                     help="all: the training part's videos; real: its reals only, the fakes being their "
+                          "--pseudo-fakes twins (the SBI protocol). Validation is the same either way.")(f)
+    f = click.option("--pseudo-fakes", default=None, metavar="sbi[:P]", callback=_pseudo_spec("train"),
+                     help="Give each training real, with probability P per epoch (default 1), a twin in its "
+                          "batch: a self-blended copy of itself labelled fake (SBI: a jittered copy pasted under a "
+                          "face-shaped mask from the face box, else a random face-sized region). Default: off.")(f)
+    return f
+
+
+def cache_pseudo_option(f):
+    """``--pseudo-fakes sbi:K`` (``features``)."""
+    return click.option("--pseudo-fakes", default=None, metavar="sbi[:K]", callback=_pseudo_spec("cache"),
+                        help="Also cache K self-blended copies (default 1) of every labelled real as extra items "
+                             "KEY#sbi0..KEY#sbi<K-1>, labelled fake, for tune-head (the copies of training reals "
+                             "only). Default: none.")(f)
+
+
 # --- GPU pipeline (issue 16): where frames are decoded and where the TTA views are made -----------------------------
 
 

@@ -7,6 +7,7 @@ import click
 from arena.cli._main import main
 from arena.cli._options import (
     backbone_options,
+    cache_pseudo_option,
     crop_options,
     device_option,
     face_config,
@@ -51,6 +52,8 @@ def cache_info(paths: tuple[str, ...], max_failures: int) -> None:
             staged = "  [staged parts not yet compacted]" if info["staged"] else ""
             click.echo(f"  videos: {info['videos']} (ok {info['ok']}, partial {info['partial']}, "
                        f"failed {info['failed']}){staged}")
+            if info["pseudo_fakes"]:
+                click.echo(f"  of which pseudo-fake items (KEY#sbiI, label 1): {info['pseudo_fakes']}")
             click.echo(f"  size: {_format_bytes(info['size_bytes'])} ({_format_bytes(info['size_bytes'] // n)}/video), "
                        f"{info['rows']} frame rows")
             click.echo("  provenance:")
@@ -98,9 +101,10 @@ def cache_merge(out: str, shards: tuple[str, ...]) -> None:
 @click.option("--amp/--no-amp", default=True, show_default=True,
               help="Autocast as the runtime precision policy allows (auto: bf16/fp16 where the device runs it "
                    "natively, else fp32), or always fp32.")
+@cache_pseudo_option
 def features_cmd(data, cache, models, frames, tta, backbone, pretrained, weights, image_size, seed, crop,
                  face_detector, face_margin, detect_size, detect_frames, max_faces, device, workers, frame_batch,
-                 limit, shard, amp):
+                 limit, shard, amp, pseudo_fakes):
     """Decode every video once, run TTA + backbone, and store per-frame features in an HDF5 cache (resumable).
 
     The cache does not depend on the train/validation split: it serves every split and fold unchanged.
@@ -113,6 +117,7 @@ def features_cmd(data, cache, models, frames, tta, backbone, pretrained, weights
         device=device, workers=workers, frame_batch=frame_batch, limit=limit, shard=shard,
         precision="auto" if amp else "fp32",
         crop=face_config(crop, face_detector, face_margin, detect_size, detect_frames, max_faces),
+        pseudo=pseudo_fakes,
     )
     for line in summary.lines():
         click.echo(line)

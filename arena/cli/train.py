@@ -10,6 +10,7 @@ from arena.cli._options import (
     crop_options,
     device_option,
     face_config,
+    train_pseudo_options,
     video_batch_option,
     workers_option,
 )
@@ -69,6 +70,7 @@ def _fold_value(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--augment", type=click.Choice(["none", "light", "strong"]), default="none", show_default=True,
               help="Degrade training clips as test videos are (JPEG recompression, downscaling, blur, noise, "
                    "colour; one draw per clip): light or strong. Validation and submit never are.")
+@train_pseudo_options
 @device_option
 @workers_option
 @click.option("--resume", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
@@ -88,9 +90,9 @@ def _fold_value(ctx: click.Context, param: click.Parameter, value: str | None) -
 @crop_options
 def train_full_cmd(data, models, fold, backbone, pretrained, weights, image_size, seed, frames, batch_size,
                    accum_steps, lr, head_lr, weight_decay, epochs, lr_patience, es_patience, amp, grad_checkpointing,
-                   head_init, head_stats, balanced, augment, device, workers, resume, limit_train, limit_val,
-                   min_frames, temp_pause, temp_resume, vram_warn, empty_cache_each_video, crop, face_detector,
-                   face_margin, detect_size, detect_frames, max_faces):
+                   head_init, head_stats, balanced, augment, pseudo_fakes, train_on, device, workers, resume,
+                   limit_train, limit_val, min_frames, temp_pause, temp_resume, vram_warn, empty_cache_each_video, crop,
+                   face_detector, face_margin, detect_size, detect_frames, max_faces):
     """Fine-tune backbone + attention head end to end (resumable; DDP under torchrun -m arena train-full).
 
     Under torchrun each process uses GPU LOCAL_RANK (choose the GPUs with CUDA_VISIBLE_DEVICES); --device cuda:N
@@ -112,6 +114,7 @@ def train_full_cmd(data, models, fold, backbone, pretrained, weights, image_size
         limit_train=limit_train, limit_val=limit_val, min_frames=min_frames, temp_pause_c=temp_pause,
         temp_resume_c=temp_resume, vram_warn_frac=vram_warn, empty_cache_each_video=empty_cache_each_video,
         crop=face_config(crop, face_detector, face_margin, detect_size, detect_frames, max_faces), augment=augment,
+        pseudo_fakes=None if pseudo_fakes is None else pseudo_fakes.spec, train_on=train_on,
         fold=None if fold == "all" else fold,
     )
     # An ArenaError (data, split, fold, weights, options, resume mismatch) is printed by the group.
