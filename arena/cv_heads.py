@@ -320,7 +320,7 @@ def train_folds(params: HeadParams, data: FoldData, *, config: HeadTrainConfig =
     train_rows = [data.train_rows(k) for k in range(n_heads)]
     val_rows = [data.val_rows(k) for k in range(n_heads)]
     y_val = [data.y[r.to(device)].cpu().numpy() for r in val_rows]
-    y_all = data.y.cpu().numpy()
+    y_all = data.y[:data.videos].cpu().numpy()  # the videos: pseudo-fake rows have no OOF
     history: list[list[float]] = [[] for _ in range(n_heads)]
     best: list[tuple[float, int, dict | None, np.ndarray | None]] = [(math.inf, -1, None, None)] * n_heads
     oof_history: list[float] = []
@@ -404,7 +404,7 @@ def _result(params: HeadParams, data: FoldData, template: DetectorHead, best: li
             oof_history: list[float]) -> FoldsResult:
     """Every head at its best epoch, scored in float32 on raw features (the submission path), and the OOF result."""
     device = data.x.device
-    y_all = data.y.cpu().numpy()
+    y_all = data.y[:data.videos].cpu().numpy()  # the videos: pseudo-fake rows have no OOF
     oof = np.empty(len(y_all))
     folds = []
     views = torch.tensor(data.val_views, device=device)

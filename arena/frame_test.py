@@ -105,6 +105,7 @@ def frame_test(cache_path: str | os.PathLike, data_root: str | os.PathLike, mode
     The training settings default to those of the study (``study_summary.json``); ``seed``, ``epochs`` and
     ``patience`` override them. ``cv`` (None: when the split has K > 1 folds and the study was not a holdout study)
     compares the counts by the out-of-fold log loss and writes ``frame_test.json`` into every fold folder too.
+    The heads train on the cache's pseudo-fake items when the study's did (``study_summary.json``).
 
     Raises:
         OptionError: ``cv=True`` on a split of one fold.
@@ -113,14 +114,15 @@ def frame_test(cache_path: str | os.PathLike, data_root: str | os.PathLike, mode
     params, base = study_settings(models)
     config = dataclasses.replace(base, **{k: v for k, v in (("seed", seed), ("max_epochs", epochs),
                                                           ("patience", patience)) if v is not None})
-    store, split = open_head_data(cache_path, data_root, models, device=device)
+    pseudo = bool(_study_summary(models).get("pseudo_fakes"))
+    store, split = open_head_data(cache_path, data_root, models, device=device, pseudo=pseudo)
     if cv and split.folds == 1:
         raise OptionError(f"--cv: {split.path} holds one holdout, not folds; make K folds with `arena split "
                           "--folds K --new-split`, or drop --cv.")
     if cv is None:
         cv = split.folds > 1 and _study_summary(models).get("objective") != HOLDOUT_OBJECTIVE
     out = run_frame_test(store, params, config=config, frames=frames, progress=progress, cv=cv)
-    out.update({"cache": str(cache_path), "split_sha256": split.sha256})
+    out.update({"cache": str(cache_path), "split_sha256": split.sha256, "pseudo_fakes": pseudo})
     targets = [(models, out)] + [(fold_dir(models, i), {**out, "fold": i}) for i in range(split.folds if cv else 0)]
     for folder, doc in targets:
         try:

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 
 from arena.cache import FeatureCache
+from arena.cache.layout import pseudo_source
 from arena.data import load_dataset
 from arena.errors import CacheError, DataError, OptionError
+from arena.pseudo import pseudo_items
 from arena.runtime import resolve_device
 from arena.split import Split, ensure_split
 
@@ -38,6 +40,7 @@ class HeadData:
         val_x: float16 ``[M, W, K, d]`` (W validation views whose probabilities are averaged); val_mask, val_y.
         train_keys, val_keys: the videos along ``N`` and ``M``.
         skipped: videos of the split left out (feature extraction failed) -> why.
+        pseudo: how many of the training rows are pseudo-fake items of the training reals (`arena.pseudo`).
     """
 
     frames: int
@@ -51,6 +54,7 @@ class HeadData:
     train_keys: list[str] = field(default_factory=list)
     val_keys: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    pseudo: int = 0
 
     def __post_init__(self) -> None:
         self.train_x = torch.as_tensor(self.train_x)
@@ -140,8 +144,12 @@ class FoldData:
         fold: int64 ``[N]``, the fold (0 .. folds-1) whose head validates on the video and does not train on it.
         folds: the number of folds.
         val_views: the indices along ``V`` of the views averaged on validation (``(0,)``: the original).
-        keys: the videos along ``N``, sorted (the order of `arena.split.Split.fold`'s parts).
+        keys: the videos along ``N``, sorted (the order of `arena.split.Split.fold`'s parts), then the pseudo-fake
+            items.
         skipped: videos of the split left out (feature extraction failed) -> why.
+        pseudo: the number of trailing rows that are pseudo-fake items (`arena.pseudo`, label 1): each carries its
+            source video's fold, so it trains every head but that fold's and validates none; the out-of-fold
+            predictions cover the ``videos`` rows before them.
     """
 
     frames: int
@@ -154,6 +162,7 @@ class FoldData:
     val_views: tuple[int, ...] = (0,)
     keys: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    pseudo: int = 0
 
     def __post_init__(self) -> None:
         self.x = torch.as_tensor(self.x)
@@ -170,6 +179,8 @@ class FoldData:
                 not all(0 <= v < len(self.variants) for v in self.val_views):
             raise DataError(f"{len(self.variants)} variant names and validation views {self.val_views} for "
                             f"{self.x.shape[1]} variants in x.")
+        if not 0 <= self.pseudo < n or bool((self.y[self.videos:] != 1).any()):
+            raise DataError(f"{self.pseudo} pseudo-fake rows of {n}: they must be fewer than the rows and fake.")
         if self.folds < 2 or bool(((self.fold < 0) | (self.fold >= self.folds)).any()):
             raise DataError(f"fold indices must be in 0..{self.folds - 1} with at least 2 folds.")
         for i in range(self.folds):
@@ -182,7 +193,12 @@ class FoldData:
 
     def __repr__(self) -> str:
         return (f"FoldData(frames={self.frames}, folds={self.folds}, x={tuple(self.x.shape)}, "
-                f"val_views={self.val_views}, skipped={len(self.skipped)})")
+                f"val_views={self.val_views}, pseudo={self.pseudo}, skipped={len(self.skipped)})")
+
+    @property
+    def videos(self) -> int:
+        """The number of the split's videos: the rows before the pseudo-fake items."""
+        return int(self.x.shape[0]) - self.pseudo
 
     @property
     def dim(self) -> int:
@@ -194,8 +210,9 @@ class FoldData:
         return torch.nonzero(self.fold.cpu() != i).flatten()
 
     def val_rows(self, i: int) -> torch.Tensor:
-        """Indices (CPU, int64, ascending) of fold ``i``'s videos: what its head is validated on."""
-        return torch.nonzero(self.fold.cpu() == i).flatten()
+        """Indices (CPU, int64, ascending) of fold ``i``'s videos: what its head is validated on (never a
+        pseudo-fake item)."""
+        return torch.nonzero(self.fold.cpu()[:self.videos] == i).flatten()
 
     def fold_stats(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`feature_stats` of fold ``i``'s training videos (memoised): the standardisation of its head."""
@@ -216,7 +233,8 @@ class FoldData:
         return HeadData(frames=self.frames, variants=self.variants, train_x=self.x[tr], train_mask=self.mask[tr],
                         train_y=self.y[tr], val_x=self.x[va][:, views], val_mask=self.mask[va], val_y=self.y[va],
                         train_keys=[self.keys[j] for j in tr.tolist()] if self.keys else [],
-                        val_keys=[self.keys[j] for j in va.tolist()] if self.keys else [], skipped=dict(self.skipped))
+                        val_keys=[self.keys[j] for j in va.tolist()] if self.keys else [], skipped=dict(self.skipped),
+                        pseudo=int((tr >= self.videos).sum()))
 
 
 def _cache_variants(cache: FeatureCache, frames: int, val_variants: Sequence[str]) -> tuple[str, ...]:
@@ -278,7 +296,7 @@ def _batch(cache: FeatureCache, keys: list[str], frames: int,
 
 
 def load_head_data(cache: FeatureCache, train_items: Iterable[Any], val_items: Iterable[Any], frames: int, *,
-                   val_variants: Sequence[str] = ("original",)) -> HeadData:
+                   val_variants: Sequence[str] = ("original",), pseudo: bool = True) -> HeadData:
     """Read the split's features for ``frames`` frames per video from a feature cache into memory.
 
     Args:
@@ -286,6 +304,8 @@ def load_head_data(cache: FeatureCache, train_items: Iterable[Any], val_items: I
         train_items, val_items: objects with ``.key`` and ``.label`` (``arena.data.VideoItem``).
         frames: one of the cache's frame counts.
         val_variants: views evaluated on validation (probabilities averaged); "original" by default.
+        pseudo: add the cache's pseudo-fake items (``arena features --pseudo-fakes``) of the training part's reals
+            to the training part (label 1); those of validation videos are never read.
 
     Raises:
         CacheError: frame count or variant not in the cache, videos of the split missing from the cache, or labels
@@ -295,16 +315,19 @@ def load_head_data(cache: FeatureCache, train_items: Iterable[Any], val_items: I
     skipped: dict[str, str] = {}
     train_keys, train_y = _cached_part(cache, train_items, "train", skipped)
     val_keys, val_y = _cached_part(cache, val_items, "val", skipped)
+    extra = [key for key, _ in pseudo_items(cache, train_keys)] if pseudo else []
+    train_keys, train_y = train_keys + extra, train_y + [1] * len(extra)
     train_x, train_mask = _batch(cache, train_keys, frames, train_variants)
     val_x, val_mask = _batch(cache, val_keys, frames, val_variants)
     return HeadData(frames=frames, variants=train_variants, train_x=train_x, train_mask=train_mask,
                     train_y=torch.tensor(train_y), val_x=val_x, val_mask=val_mask, val_y=torch.tensor(val_y),
-                    train_keys=train_keys, val_keys=val_keys, skipped=skipped)
+                    train_keys=train_keys, val_keys=val_keys, skipped=skipped, pseudo=len(extra))
 
 
 def load_fold_data(cache: FeatureCache, split: Split, frames: int, *,
-                   val_variants: Sequence[str] = ("original",)) -> FoldData:
-    """Every video of a K-fold ``split`` with its fold, for ``frames`` frames per video, read once.
+                   val_variants: Sequence[str] = ("original",), pseudo: bool = True) -> FoldData:
+    """Every video of a K-fold ``split`` with its fold, for ``frames`` frames per video, read once; with
+    ``pseudo``, then the cache's pseudo-fake items of the split's videos, each in its source's fold.
 
     Raises:
         CacheError: as `load_head_data`. DataError: a split of one fold, or a fold without both classes.
@@ -315,9 +338,12 @@ def load_fold_data(cache: FeatureCache, split: Split, frames: int, *,
     skipped: dict[str, str] = {}
     items = sorted(split.train + split.val, key=lambda it: it.key)  # the order of Split.fold's parts
     keys, labels = _cached_part(cache, items, "split", skipped)
+    extra = pseudo_items(cache, keys) if pseudo else []
+    folds = [split.fold_of[k] for k in keys] + [split.fold_of[pseudo_source(k)] for k, _ in extra]
+    keys, labels = keys + [k for k, _ in extra], labels + [1] * len(extra)
     x, mask = _batch(cache, keys, frames, train_variants)
     return FoldData(frames=frames, variants=train_variants, x=x, mask=mask, y=torch.tensor(labels),
-                    fold=torch.tensor([split.fold_of[k] for k in keys]), folds=split.folds,
+                    fold=torch.tensor(folds), folds=split.folds, pseudo=len(extra),
                     val_views=tuple(train_variants.index(v) for v in val_variants), keys=keys, skipped=skipped)
 
 
@@ -355,12 +381,14 @@ class HeadDataStore:
 
     @classmethod
     def from_cache(cls, cache: FeatureCache, split: Split, *, device: torch.device | str = "cpu",
-                   val_variants: Sequence[str] = ("original",)) -> HeadDataStore:
-        """A store reading ``split.train``/``split.val`` (and every fold, for a K-fold split) from a feature cache."""
+                   val_variants: Sequence[str] = ("original",), pseudo: bool = True) -> HeadDataStore:
+        """A store reading ``split.train``/``split.val`` (and every fold, for a K-fold split) from a feature cache;
+        ``pseudo``: with the cache's pseudo-fake items of the training videos (`load_head_data`)."""
         def folds(k: int) -> FoldData:
-            return load_fold_data(cache, split, k, val_variants=val_variants)
+            return load_fold_data(cache, split, k, val_variants=val_variants, pseudo=pseudo)
 
-        return cls(lambda k: load_head_data(cache, split.train, split.val, k, val_variants=val_variants),
+        return cls(lambda k: load_head_data(cache, split.train, split.val, k, val_variants=val_variants,
+                                            pseudo=pseudo),
                    cache.provenance.frame_counts, device=device, provenance=cache.provenance.to_dict(),
                    fold_loader=folds if split.folds > 1 else None, folds=split.folds)
 
@@ -395,13 +423,13 @@ class HeadDataStore:
 
 
 def open_head_data(cache_path: str | os.PathLike, data_root: str | os.PathLike, models_dir: str | os.PathLike, *,
-                   device: str = "auto") -> tuple[HeadDataStore, Split]:
+                   device: str = "auto", pseudo: bool = True) -> tuple[HeadDataStore, Split]:
     """Open the feature cache and the split of ``models_dir``: the inputs of ``tune-head`` and ``frame-test``.
 
     The split is ``models_dir``'s split file (checked against the dataset), made with the defaults when missing.
 
     Any cache of the dataset's videos serves any split of it: the split only chooses which cached videos train
-    and which validate.
+    and which validate. ``pseudo``: train on the cache's pseudo-fake items of the training videos too.
 
     Raises:
         OptionError: unknown device. CacheError: unusable cache. DataError: unusable dataset or split file.
@@ -410,4 +438,4 @@ def open_head_data(cache_path: str | os.PathLike, data_root: str | os.PathLike, 
     cache = FeatureCache.open(cache_path)
     dataset = load_dataset(data_root, require_test=False)
     split = ensure_split(dataset, models_dir)
-    return HeadDataStore.from_cache(cache, split, device=dev), split
+    return HeadDataStore.from_cache(cache, split, device=dev, pseudo=pseudo), split

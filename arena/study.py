@@ -351,17 +351,27 @@ def _save_cv(params: HeadParams, store: HeadDataStore, models: Path, config: Hea
 # ------------------------------------------------------------------------------------------------ command
 
 
-def default_study_name(split_sha256: str, folds: int | None = None) -> str:
-    """``head-<first 8 hex digits of split.json's sha256>``, ``-cv<K>`` for a CV study over K folds: one study per
-    split and objective (a holdout study of the same split keeps its name and resumes)."""
-    return f"head-{split_sha256[:8]}" + (f"-cv{folds}" if folds else "")
+def _pseudo_used(store: HeadDataStore, record: dict[str, Any] | None, cv: bool) -> dict[str, Any] | None:
+    """The summary's ``pseudo_fakes``: how the cache made them and how many trained the heads (None: not used)."""
+    if not record:
+        return None
+    k = store.frame_counts[0]
+    return {**record, "items_used": int(store.get_folds(k).pseudo if cv else store.get(k).pseudo)}
+
+
+def default_study_name(split_sha256: str, folds: int | None = None, pseudo: bool = False) -> str:
+    """``head-<first 8 hex digits of split.json's sha256>``, ``-cv<K>`` for a CV study over K folds, ``-sbi`` when
+    the heads train on pseudo-fake items too: one study per split, objective and training data (a holdout study of
+    the same split keeps its name and resumes)."""
+    return f"head-{split_sha256[:8]}" + (f"-cv{folds}" if folds else "") + ("-sbi" if pseudo else "")
 
 
 def tune_head(cache_path: str | os.PathLike, data_root: str | os.PathLike, models_dir: str | os.PathLike, *,
               n_trials: int = 50, timeout: float | None = None, storage: str | None = None,
               study_name: str | None = None, seed: int = 0, frames: Sequence[int] | None = None,
               epochs: int = 30, patience: int = 4, batch_size: int = 64, device: str = "auto",
-              progress: bool = True, crop: str | None = None, cv: bool | None = None) -> dict[str, Any]:
+              progress: bool = True, crop: str | None = None, cv: bool | None = None,
+              pseudo: bool = True) -> dict[str, Any]:
     """``arena tune-head``: run/resume the study until ``n_trials`` finished trials, then write the outputs.
 
     Args:
@@ -374,6 +384,8 @@ def tune_head(cache_path: str | os.PathLike, data_root: str | os.PathLike, model
             The head is tuned on the cache's features, so it inherits the cache's crop settings.
         cv: score trials by the out-of-fold log loss over the split's K folds and write the K fold heads (None:
             whenever the split has K > 1 folds); False: the holdout objective on fold 0's train/validation parts.
+        pseudo: train the heads on the cache's pseudo-fake items (``arena features --pseudo-fakes``) of their
+            training videos too, when the cache has any; they are never validated on.
 
     Raises:
         OptionError: ``cv=True`` on a split of one fold.
@@ -389,13 +401,14 @@ def tune_head(cache_path: str | os.PathLike, data_root: str | os.PathLike, model
         if crop != cache_crop["mode"]:
             raise OptionError(f"--crop {crop}: the cache {cache_path} was built with crop "
                               f"{describe_crop(cache_crop)}; build a cache with `arena features --crop {crop}` first.")
-    store, split = open_head_data(cache_path, data_root, models, device=device)
+    store, split = open_head_data(cache_path, data_root, models, device=device, pseudo=pseudo)
     if cv and split.folds == 1:
         raise OptionError(f"--cv: {split.path} holds one holdout, not folds; make K folds with `arena split "
                           "--folds K --new-split`, or drop --cv.")
     cv = split.folds > 1 if cv is None else cv
     cache_crop = store.provenance.get("crop") or {"mode": "none"}
-    study_name = study_name or default_study_name(split.sha256, split.folds if cv else None)
+    pseudo_record = store.provenance.get("pseudo_fakes") if pseudo else None
+    study_name = study_name or default_study_name(split.sha256, split.folds if cv else None, bool(pseudo_record))
     frame_choices = store.check_frames(frames) if frames else store.frame_counts
     config = HeadTrainConfig(max_epochs=epochs, patience=patience, batch_size=batch_size, seed=seed)
     # The study (not the cache) is tied to the split: its trials were measured on this split's validation part.
@@ -403,6 +416,8 @@ def tune_head(cache_path: str | os.PathLike, data_root: str | os.PathLike, model
                "backbone": store.provenance.get("backbone"), "weights_hash": store.provenance.get("weights_hash")}
     if cache_crop["mode"] != "none":  # whole-frame studies keep the context they always had (they resume)
         context["crop"] = cache_crop
+    if pseudo_record:  # as the crop: studies without pseudo-fakes keep their context
+        context["pseudo_fakes"] = pseudo_record
     started = time.monotonic()
     study = run_study(store, storage=create_storage(url), study_name=study_name, n_trials=n_trials,
                       timeout=timeout, seed=seed, frame_choices=frame_choices, config=config, context=context,
@@ -411,6 +426,7 @@ def tune_head(cache_path: str | os.PathLike, data_root: str | os.PathLike, model
     summary = finalize_study(study, store, models, config=config, cv=cv, extra={
         "storage": redact_url(url), "target_trials": n_trials, "seed": seed, "cache": str(cache_path),
         "split_sha256": split.sha256, "frame_choices": list(frame_choices), "this_run_seconds": elapsed,
-        "objective": OOF_OBJECTIVE if cv else HOLDOUT_OBJECTIVE, "folds": split.folds if cv else 1})
+        "objective": OOF_OBJECTIVE if cv else HOLDOUT_OBJECTIVE, "folds": split.folds if cv else 1,
+        "pseudo_fakes": _pseudo_used(store, pseudo_record, cv)})
     summary["reached_target"] = sum(summary["states"].get(s, 0) for s in ("COMPLETE", "PRUNED")) >= n_trials
     return summary

@@ -58,7 +58,9 @@ def _oof_csv(data: FoldData, p: np.ndarray, p_cal: np.ndarray) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(OOF_COLUMNS)
-    for key, label, fold, a, b in zip(data.keys, data.y.tolist(), data.fold.tolist(), p, p_cal, strict=True):
+    v = data.videos  # the split's videos; the pseudo-fake rows after them are never validated
+    for key, label, fold, a, b in zip(data.keys[:v], data.y[:v].tolist(), data.fold[:v].tolist(), p, p_cal,
+                                      strict=True):
         writer.writerow([key, label, fold, f"{a:.8f}", f"{b:.8f}"])
     return buf.getvalue()
 
@@ -67,14 +69,14 @@ def write_fold_outputs(result: FoldsResult, data: FoldData, models: Path, *,
                        provenance: dict[str, Any]) -> dict[str, Any]:
     """Write every fold's ``best_head.pt``, the OOF temperature and ``oof_predictions.csv``; return the OOF metrics
     (the ``cv`` section of ``study_summary.json``)."""
-    ckpts, z = [], np.empty((len(data.keys), len(data.val_views)))
+    ckpts, z = [], np.empty((data.videos, len(data.val_views)))
     for i, fold in enumerate(result.folds):
         ckpts.append(HeadCheckpoint(config=fold.head_config, state_dict=fold.state_dict, frames=data.frames,
                                     params=result.params.to_dict(), provenance=provenance,
                                     metrics={**fold.metrics, "fold": i, "folds": data.folds,
                                              "oof_log_loss": result.value}))
         z[data.val_rows(i).numpy()] = fold_logits(ckpts[-1], data, i)
-    y = data.y.cpu().numpy()
+    y = data.y[:data.videos].cpu().numpy()
     calibration = fit_calibration(z, y, fitted_on="out-of-fold")
     p, p_cal = apply_temperature(z, 1.0), apply_temperature(z, calibration["temperature"])
     paths = []

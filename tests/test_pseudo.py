@@ -267,6 +267,66 @@ def test_a_cache_without_pseudo_fakes_stores_no_trace_of_them_and_the_two_refuse
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the heads: tune-head trains on the pseudo-fakes of its training reals, never validates on them
+
+
+def test_head_data_trains_on_the_training_reals_copies_only_and_folds_never_validate_them(data, pseudo_cache,
+                                                                                           tmp_path):
+    from arena.cv_heads import train_folds
+    from arena.head_data import load_fold_data, load_head_data
+    from arena.head_train import HeadParams, HeadTrainConfig
+
+    dataset = load_dataset(data, require_test=False)
+    with FeatureCache.open(pseudo_cache) as cache:
+        holdout = make_split(dataset, tmp_path / "holdout", val_fraction=0.5, groups="none", seed=0)
+        d = load_head_data(cache, holdout.train, holdout.val, 3)
+        reals = [it.key for it in holdout.train if it.label == 0]
+        assert d.pseudo == 2 * len(reals) and d.train_keys[-d.pseudo:] == [pseudo_key(k, "sbi", i) for k in
+                                                                           sorted(reals) for i in range(2)]
+        assert d.train_y[-d.pseudo:].tolist() == [1] * d.pseudo and not any("#" in k for k in d.val_keys)
+        plain = load_head_data(cache, holdout.train, holdout.val, 3, pseudo=False)
+        assert plain.pseudo == 0 and plain.train_keys == d.train_keys[:-d.pseudo]
+        torch.testing.assert_close(d.train_x[-1], torch.from_numpy(np.stack(
+            [cache.features(d.train_keys[-1], 3, v)[0] for v in d.variants])))
+
+        split = make_split(dataset, tmp_path / "folds", folds=2, groups="none", seed=0)
+        f = load_fold_data(cache, split, 3)
+        assert f.videos == 8 and f.pseudo == 8 and f.keys[8:] == cache.pseudo_keys
+        for row in range(8, 16):  # a copy sits in its source's fold: trains the other fold's head only
+            assert int(f.fold[row]) == split.fold_of[pseudo_source(f.keys[row])]
+        for i in range(2):
+            assert int(f.val_rows(i).max()) < 8 and f.fold_data(i).pseudo == 4
+            assert set(f.train_rows(i).tolist()) >= {r for r in range(8, 16) if int(f.fold[r]) != i}
+        config = HeadTrainConfig(max_epochs=2, patience=2, batch_size=4, seed=0)
+        result = train_folds(HeadParams(frames=3, attn_dim=8, dropout=0.0, lr=1e-3, weight_decay=0.0), f,
+                             config=config)
+        assert result.oof_probs.shape == (8,) and np.isfinite(result.oof_probs).all()
+
+
+def test_tune_head_uses_the_caches_pseudo_fakes_under_its_own_study_and_frame_test_follows(data, pseudo_cache,
+                                                                                          tmp_path):
+    models = tmp_path / "models"
+    make_split(load_dataset(data, require_test=False), models, folds=2, groups="none", seed=0)
+    base = ["--cache", str(pseudo_cache), "--data", str(data), "--models", str(models)]
+    tune = ["tune-head", *base, "--n-trials", "1", "--epochs", "2", "--patience", "1", "--batch-size", "4",
+            "--frames", "3", "--device", "cpu"]
+    result = CliRunner().invoke(main, tune)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((models / "study_summary.json").read_text())
+    assert summary["study_name"].endswith("-cv2-sbi") and summary["pseudo_fakes"]["items_used"] == 8
+    assert summary["pseudo_fakes"]["copies"] == 2 and "8 pseudo-fake items" in result.output
+    oof = (models / "oof_predictions.csv").read_text().splitlines()
+    assert len(oof) == 1 + 8 and not any("#" in line for line in oof)
+    result = CliRunner().invoke(main, ["frame-test", *base, "--frames", "3,4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((models / "frame_test.json").read_text())["pseudo_fakes"] is True
+    result = CliRunner().invoke(main, [*tune, "--no-pseudo-fakes"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((models / "study_summary.json").read_text())
+    assert summary["study_name"].endswith("-cv2") and summary["pseudo_fakes"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # tools/bench_pseudo.py
 
 

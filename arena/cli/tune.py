@@ -54,8 +54,11 @@ def _tune_threads(threads: int | None) -> None:
               help="On a K-fold split (`arena split --folds K`): score each trial by the out-of-fold log loss of its K "
                    "fold heads and write them to folds/fold_<i>/ (default), or --no-cv: the holdout objective on fold "
                    "0's train/validation parts.")
+@click.option("--pseudo-fakes/--no-pseudo-fakes", default=True, show_default=True,
+              help="Train the heads on the cache's pseudo-fake items (`arena features --pseudo-fakes`) of their "
+                   "training videos too, when it has any (never validated on; the study is named ...-sbi).")
 def tune_head_cmd(cache, data, models, n_trials, timeout, storage, study_name, seed, frames, epochs, patience,
-                  batch_size, device, threads, crop, cv):
+                  batch_size, device, threads, crop, cv, pseudo_fakes):
     """Optuna search over the attention head on cached features; objective: validation log loss (out-of-fold on a
     K-fold split)."""
     from arena.models_folder import (
@@ -72,7 +75,7 @@ def tune_head_cmd(cache, data, models, n_trials, timeout, storage, study_name, s
     try:
         s = tune_head(cache, data, models, n_trials=n_trials, timeout=timeout, storage=storage, study_name=study_name,
                       seed=seed, frames=frames, epochs=epochs, patience=patience, batch_size=batch_size, device=device,
-                      crop=crop, cv=cv)
+                      crop=crop, cv=cv, pseudo=pseudo_fakes)
     except KeyboardInterrupt:
         click.echo("interrupted: finished trials are kept in the study and the interrupted one is queued again; "
                    "run the same command to continue.", err=True)
@@ -87,6 +90,8 @@ def tune_head_cmd(cache, data, models, n_trials, timeout, storage, study_name, s
         click.echo(f"best trial #{b['number']}: {what} log loss {b['value']:.4f}, AUC {a['auc']:.4f}, "
                    f"accuracy {a['accuracy']:.3f}, F1 {a['f1']:.3f}")
         click.echo(f"params: {b['params']}")
+        if s.get("pseudo_fakes"):
+            click.echo(f"trained on {s['pseudo_fakes']['items_used']} pseudo-fake items of the training videos too")
         if "cv" in s:
             cv_out, cal = s["cv"], s["cv"]["calibration"]
             click.echo("per fold: " + ", ".join(f"{f['fold']}: log loss {f['log_loss']:.4f}, AUC "
