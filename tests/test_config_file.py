@@ -155,6 +155,10 @@ def test_a_failing_run_records_its_error_and_repeatable_options_take_arrays(demo
                       'verify = "one.h5"\n')
     r = CliRunner().invoke(main, ["submit", "--config", str(config), "--device", "cpu"])
     assert r.exit_code == 1 and "a.pt: checkpoint not found" in r.output
+    assert not (tmp_path / "sub").exists()  # refused before any output: no new folder just for the record
+    (tmp_path / "sub").mkdir()
+    r = CliRunner().invoke(main, ["submit", "--config", str(config), "--device", "cpu"])
+    assert r.exit_code == 1 and "a.pt: checkpoint not found" in r.output
     [rec] = records(tmp_path / "sub" / RUNS_DIR)
     assert rec["options"]["checkpoints"] == [str(tmp_path / "a.pt")] and rec["options"]["verify"] == ["one.h5"]
     assert rec["exit_status"] == 1 and "checkpoint not found" in rec["error"]

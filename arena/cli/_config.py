@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -151,6 +152,23 @@ def _exit_status(exc: BaseException) -> tuple[int, str | None]:
     return 1, f"{type(exc).__name__}: {exc}"
 
 
+def _missing_top(folder: Path) -> Path | None:
+    """The outermost of ``folder`` and its parents that does not exist yet (None: ``folder`` exists)."""
+    top = None
+    for p in [folder, *folder.parents]:
+        if p.exists():
+            break
+        top = p
+    return top
+
+
+def _discard_if_only(top: Path, keep: set[str]) -> None:
+    """Remove ``top`` -- the outputs' folder, which this run made -- when it holds nothing but the record and log: a
+    run refused before any output leaves no folder behind (its error is on the console)."""
+    if {os.path.abspath(p) for p in top.rglob("*") if not p.is_dir()} <= keep:
+        shutil.rmtree(top, ignore_errors=True)
+
+
 def _record(f: Callable, params: dict[str, Any], folder: str | os.PathLike) -> Any:
     """Run ``f(**params)`` with its record and log in ``folder``."""
     from arena.run_record import finish_record, new_run_files, resolved_config, run_log, write_record
@@ -164,23 +182,28 @@ def _record(f: Callable, params: dict[str, Any], folder: str | os.PathLike) -> A
     sources = {name: _SOURCES.get(ctx.get_parameter_source(name), "default") for name in params}
     record = resolved_config(command, options=params, sources=sources, paths=paths,
                              config_file=ctx.meta.get(CONFIG_META))
+    created = _missing_top(Path(os.path.abspath(folder)).parent)  # the outputs' folder, made by this run
     files = new_run_files(folder, command)
     write_record(files.record, record)
     started, status, error = time.monotonic(), 0, None
-    with run_log(files.log) as log:
-        log.note(f"arena {command}: resolved configuration in {files.record}")
-        try:
-            return f(**params)
-        except BaseException as exc:
-            status, error = _exit_status(exc)
-            if error is not None and not isinstance(exc, (ArenaError, click.ClickException, KeyboardInterrupt)):
-                error = traceback.format_exc().rstrip()
-            raise
-        finally:
-            if error is not None:
-                log.note(f"error: {error}", logging.ERROR)
-            log.note(f"finished: exit status {status} after {time.monotonic() - started:.1f} s")
-            write_record(files.record, finish_record(record, started, status, error))
+    try:
+        with run_log(files.log) as log:
+            log.note(f"arena {command}: resolved configuration in {files.record}")
+            try:
+                return f(**params)
+            except BaseException as exc:
+                status, error = _exit_status(exc)
+                if error is not None and not isinstance(exc, (ArenaError, click.ClickException, KeyboardInterrupt)):
+                    error = traceback.format_exc().rstrip()
+                raise
+            finally:
+                if error is not None:
+                    log.note(f"error: {error}", logging.ERROR)
+                log.note(f"finished: exit status {status} after {time.monotonic() - started:.1f} s")
+                write_record(files.record, finish_record(record, started, status, error))
+    finally:
+        if status != 0 and created is not None:
+            _discard_if_only(created, {os.path.abspath(files.record), os.path.abspath(files.log)})
 
 
 def runs_in(option: str) -> Callable[[dict[str, Any]], Path]:
