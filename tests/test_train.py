@@ -327,5 +327,7 @@ def test_ddp_two_gloo_processes_only_rank0_writes(toy_data, tmp_path):
     log_text = (tmp_path / "train.log").read_text()
     assert log_text.count("epoch 1/1:") == 1  # one writer
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "last.pt", "split.json", "test_resnet_best.pt", "train.log", "training_curves.png", "training_summary.json"]
+        "last.pt", "runs", "split.json", "test_resnet_best.pt", "train.log", "training_curves.png",
+        "training_summary.json"]
+    assert len(list((tmp_path / "runs").glob("*-train-full.json"))) == 1  # rank 0's run record, once
     assert proc.stdout.count("train-full: max_epochs after epoch 1") == 1

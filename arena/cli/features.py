@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from arena.cli._config import long_command, runs_beside
 from arena.cli._main import main
 from arena.cli._options import (
     backbone_options,
@@ -83,6 +84,7 @@ def cache_merge(out: str, shards: tuple[str, ...]) -> None:
 
 
 @main.command("features")
+@long_command(runs_beside("cache"))
 @click.option("--data", type=click.Path(exists=True, file_okay=False), required=True, help="Dataset folder.")
 @click.option("--cache", type=click.Path(dir_okay=False), default="cache/features.h5", show_default=True)
 @click.option("--models", default=None, hidden=True,

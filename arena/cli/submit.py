@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import click
 
+from arena.cli._config import RUNS_DIR, long_command
 from arena.cli._main import main
 from arena.cli._options import device_option, frame_batch_option, model_crop_options, workers_option
 from arena.limits import MAX_FRAMES
@@ -47,7 +51,26 @@ def _model_options(f):
     return f
 
 
+def _evaluate_runs(params: dict[str, Any]) -> Path | None:
+    """Beside evaluation.json: --out's folder, else the first models folder (a folds/ folder's parent), else the first
+    checkpoint's folder (`arena.evaluate`'s rule); None when there is none (evaluate refuses that), or when that
+    folder, an input, does not exist (no stray folder for a mistyped path)."""
+    from arena.models_folder import FOLDS_DIR
+
+    if params["out"] is not None:
+        return Path(params["out"]).parent / RUNS_DIR
+    if params["models"]:
+        first = Path(params["models"][0])
+        folder = first.parent if first.name == FOLDS_DIR else first
+    elif params["checkpoints"]:
+        folder = Path(params["checkpoints"][0]).parent
+    else:
+        return None
+    return folder / RUNS_DIR if folder.is_dir() else None
+
+
 @main.command("submit")
+@long_command(lambda params: Path(params["out"]).parent / RUNS_DIR)
 @click.option("--data", "data", type=click.Path(file_okay=False), required=True,
               help="Data folder with test_public.csv and test/.")
 @click.option("--out", type=click.Path(dir_okay=False), default="SUBMISSION_DIRECTORY/PREDICTIONS.CSV",
@@ -87,6 +110,7 @@ def submit_cmd(data: str, out: str, models: tuple[str, ...], checkpoints: tuple[
 
 
 @main.command("evaluate")
+@long_command(_evaluate_runs)
 @click.option("--data", "data", type=click.Path(file_okay=False), required=True, help="Data folder.")
 @click.option("--split", type=click.Choice(["val"]), default="val", show_default=True,
               help="Evaluate on the persisted validation split (unless --labels is given).")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import click
 
+from arena.cli._config import RUNS_DIR, long_command
 from arena.cli._main import main
 from arena.cli._options import (
     backbone_options,
@@ -30,7 +34,21 @@ def _fold_value(ctx: click.Context, param: click.Parameter, value: str | None) -
     return fold
 
 
+def _train_runs(params: dict[str, Any]) -> Path:
+    """Beside train-full's outputs: the fold's folder with --fold I (once the split is known to have it, so that no
+    stray fold folder is made), else the models folder."""
+    from arena.models_folder import fold_dir
+    from arena.train_config import check_fold
+
+    fold = params["fold"]
+    if isinstance(fold, int):
+        check_fold(params["models"], fold)
+        return fold_dir(params["models"], fold) / RUNS_DIR
+    return Path(params["models"]) / RUNS_DIR
+
+
 @main.command("train-full")
+@long_command(_train_runs)
 @click.option("--data", type=click.Path(exists=True, file_okay=False), required=True, help="Dataset folder.")
 @click.option("--models", type=click.Path(file_okay=False), default="models", show_default=True,
               help="Output folder (split.json, frame_test.json and best_head.pt are read from it when present).")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from arena.cli._config import long_command, runs_in
 from arena.cli._main import main
 from arena.cli._options import device_option, parse_frame_counts, video_batch_option
 
@@ -22,6 +23,7 @@ def _tune_threads(threads: int | None) -> None:
 
 
 @main.command("tune-head")
+@long_command(runs_in("models"))
 @click.option("--cache", type=click.Path(dir_okay=False), default="cache/features.h5", show_default=True,
               help="Feature cache written by `arena features`.")
 @click.option("--data", type=click.Path(exists=True, file_okay=False), required=True,
@@ -119,6 +121,7 @@ def tune_head_cmd(cache, data, models, n_trials, timeout, storage, study_name, s
 
 
 @main.command("frame-test")
+@long_command(runs_in("models"))
 @click.option("--cache", type=click.Path(dir_okay=False), default="cache/features.h5", show_default=True)
 @click.option("--data", type=click.Path(exists=True, file_okay=False), required=True,
               help="Dataset folder (for the split).")
