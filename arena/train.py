@@ -14,6 +14,7 @@ every output goes into the fold's folder, ``<models>/folds/fold_<i>`` (`arena.tr
 At the end of every epoch the run state goes to ``last.pt`` (atomically), so a killed run continues from the last
 finished epoch and ends exactly where an uninterrupted run with the same seed ends: the data order, every
 augmentation draw and dropout come from generators seeded by (seed, epoch, index) or restored from the file.
+A thermal pause longer than ``--thermal-max-wait`` stops the run the same way (`arena.errors.ThermalTimeout`).
 
 Outputs (models or fold folder, names from `arena.models_folder`): ``<backbone>_best.pt`` (`DetectorCheckpoint`,
 the seed's keys), ``last.pt``, ``training_summary.json``, ``training_curves.png`` and ``train.log``

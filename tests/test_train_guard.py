@@ -20,7 +20,7 @@ import pytest
 import torch
 from _layout import write_dataset
 
-from arena.errors import OptionError, ThermalTimeout
+from arena.errors import OptionError, ThermalTimeout, TrainError
 from arena.hardware import GpuGuard
 from arena.train import train
 from arena.train_config import TrainConfig
@@ -137,3 +137,29 @@ def test_ddp_ranks_pause_retry_and_stop_together_when_only_rank_1_is_hot_or_shor
     assert [e["frames"] for e in summary["out_of_memory_events"]] == [4]  # rank 0 wrote the agreed retry
     last = torch.load(tmp_path / "m" / "last.pt", weights_only=True)
     assert last["epoch"] == 1 and not last["finished"]
+
+
+def test_out_of_memory_in_the_backward_that_all_reduces_is_a_clear_error_not_a_retry():
+    # Under DDP the other ranks are inside that all-reduce: a retry would hang them, so the rank stops (torchrun then
+    # ends the others) with a message saying what to change.
+    from arena.distributed import Dist
+    from arena.hardware import is_oom
+    from arena.train import StepContext, _synced_backward
+
+    class OutOfMemoryInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    loss = OutOfMemoryInBackward.apply(torch.ones(3, requires_grad=True)).sum()
+    ctx = StepContext(device=torch.device("cpu"), amp_dtype=None, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                      guard=GpuGuard(read_temp=lambda: 40.0, log=lambda m: None), dist=Dist(rank=1, world=2),
+                      frames=24, min_frames=4)
+    with pytest.raises(TrainError, match=r"process 1 of 2 .* at 24 frames in the backward pass that all-reduces the "
+                                         r"gradients.*--grad-checkpointing") as err:
+        _synced_backward(loss, ctx, 24)
+    assert not is_oom(err.value)  # so run_with_oom_fallback passes it on instead of retrying
