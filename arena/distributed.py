@@ -7,7 +7,7 @@ the one-process case (``Dist()``), so the training code has a single path.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,19 @@ def gather(obj: Any, dist: Dist) -> list[Any]:
     out: list[Any] = [None] * dist.world
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def all_max(values: Sequence[float], dist: Dist, device: torch.device) -> list[float]:
+    """The element-wise maximum of every rank's ``values``: with 0/1 flags, "did any rank ...".
+
+    One all_reduce of a tensor of ``len(values)`` numbers on ``device`` (NCCL needs it on the GPU); without DDP
+    the values themselves and no collective. Every rank must call it at the same point, with as many values.
+    """
+    if not dist.enabled:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
 
 
 def barrier(dist: Dist) -> None:

@@ -66,3 +66,14 @@ class OptionError(ArenaError, ValueError):
 
 class FaceDetectorUnavailable(ArenaError, RuntimeError):
     """The package behind a face detector is not installed (or does not import); the message gives the pip command."""
+
+
+class ThermalTimeout(ArenaError, RuntimeError):
+    """A thermal pause lasted its maximum wait (``--thermal-max-wait``) without the GPU cooling enough to resume.
+
+    Training stops the way an interrupted run does: ``last.pt`` keeps the last finished epoch and the same command
+    continues from it. ``exit_status`` is what ``arena train-full`` exits with: 75, sysexits' EX_TEMPFAIL ("try
+    again later"), so a script can tell "rerun when the machine has cooled" from "fix the input" (1, 2).
+    """
+
+    exit_status = 75

@@ -1,9 +1,15 @@
 """Hardware safety for long runs: a GPU temperature/VRAM guard (pynvml) and out-of-memory fallbacks.
 
 A 4 GB laptop GPU that trains for hours overheats and runs out of memory; both should slow the run down,
-never end it. `GpuGuard.check()` is called between steps: it pauses while the card is too hot and empties
-the CUDA cache when VRAM is nearly full. On a machine without NVML (CPU only, or no driver) it does nothing
-and says so once. The sensor readers are injectable so the tests can drive the guard without a GPU.
+not end it. `GpuGuard.check()` is called between steps: it pauses while the card is too hot and empties
+the CUDA cache when VRAM is nearly full. A pause that lasts its maximum wait without the card cooling raises
+`ThermalTimeout` (training then stops resumably). On a machine without NVML (CPU only, or no driver) it does
+nothing and says so once. The sensor readers are injectable so the tests can drive the guard without a GPU.
+
+Under DDP a rank that pauses (or retries an out-of-memory step) while the others go on leaves them waiting in
+the next collective, which times out. So `check()` is the processes' one meeting point of a step: with
+`GpuGuard.reduce_max` set (`arena.distributed.all_max`) they share "my card is too hot" and "my step ran out of
+memory" in one all_reduce and then all pause, all retry or all stop together.
 
 `is_oom` / `run_with_oom_fallback` turn an out-of-memory error into a retry with a smaller workload
 (fewer frames, a smaller batch); training and submission share them.
@@ -16,14 +22,14 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pynvml
 import torch
 
-from arena.errors import OptionError, OutOfMemoryAfterFallback
+from arena.errors import ArenaError, OptionError, OutOfMemoryAfterFallback, ThermalTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +40,8 @@ R = TypeVar("R")
 TempReader = Callable[[], "float | None"]
 #: Reads (used_bytes, total_bytes) of GPU memory; None when it cannot be read.
 MemReader = Callable[[], "tuple[int, int] | None"]
+#: Element-wise maximum of every process's values (`arena.distributed.all_max`); flags are 0/1.
+ReduceMax = Callable[[Sequence[float]], "list[float]"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,11 +117,17 @@ class GpuGuard:
         empty_cache_each_video: `after_video()` empties the CUDA cache (slower, but keeps a small card's
             fragmentation down).
         poll_seconds: how often the temperature is read while paused.
+        max_wait_s: the longest pause (s): a card still above `temp_resume_c` after it raises `ThermalTimeout`;
+            0 stops at once, None waits without limit.
         device_index: the CUDA device to watch (the local rank under DDP).
         read_temp / read_mem: sensor readers; default: NVML on `device_index`. Injected readers make the
             guard active even without a GPU (tests).
         sleep / clock / empty_cache: injectable for tests.
         log: where messages go (default: this module's logger at INFO/WARNING).
+
+    Attributes:
+        reduce_max: None with one process. Under DDP the run sets it to `arena.distributed.all_max`: every
+            `check()` is then one all_reduce of three numbers, and each poll of a pause another.
     """
 
     def __init__(
@@ -124,6 +138,7 @@ class GpuGuard:
         vram_warn_frac: float = 0.9,
         empty_cache_each_video: bool = False,
         poll_seconds: float = 5.0,
+        max_wait_s: float | None = 1800.0,
         device_index: int = 0,
         read_temp: TempReader | None = None,
         read_mem: MemReader | None = None,
@@ -142,11 +157,16 @@ class GpuGuard:
                               "e.g. 0.9 for 90 %.")
         if poll_seconds <= 0:
             raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}.")
+        if max_wait_s is not None and not 0 <= max_wait_s < float("inf"):
+            raise OptionError(f"max_wait_s (--thermal-max-wait) must be >= 0 seconds, or none to wait without "
+                              f"limit; got {max_wait_s}.")
         self.temp_pause_c = float(temp_pause_c)
         self.temp_resume_c = float(temp_resume_c)
         self.vram_warn_frac = float(vram_warn_frac)
         self.empty_cache_each_video = empty_cache_each_video
         self.poll_seconds = float(poll_seconds)
+        self.max_wait_s = None if max_wait_s is None else float(max_wait_s)
+        self.reduce_max: ReduceMax | None = None
         self._sleep, self._clock, self._empty_cache = sleep, clock, empty_cache
         self._log = log or logger.warning
         self.pauses: list[PauseEvent] = []
@@ -169,15 +189,28 @@ class GpuGuard:
         """True when at least one sensor is read."""
         return self._read_temp is not None or self._read_mem is not None
 
-    def check(self) -> None:
-        """Call between steps: pause while too hot, then warn and free memory when VRAM is nearly full."""
-        if not self.active:
-            if not self._said_disabled:
-                self._log(f"GPU guard off: {self.disabled_reason or 'no sensors'}; no thermal pauses or VRAM checks.")
-                self._said_disabled = True
-            return
-        self._check_temperature()
+    def check(self, *, oom: bool = False) -> bool:
+        """Call between steps: pause while too hot, then warn and free memory when VRAM is nearly full.
+
+        Under DDP every process calls it at the same point of the step, saying whether its step ran out of memory
+        (`oom`); all of them pause when any card is too hot, until every card has cooled.
+
+        Returns:
+            whether any process's step ran out of memory (`oom` itself with one process), so that all retry.
+
+        Raises:
+            ThermalTimeout: a pause lasted `max_wait_s` (on every process at once under DDP).
+        """
+        if not self.active and not self._said_disabled:
+            self._log(f"GPU guard off: {self.disabled_reason or 'no sensors'}; no thermal pauses or VRAM checks.")
+            self._said_disabled = True
+        temp = self._temperature()
+        hot = temp is not None and temp >= self.temp_pause_c
+        any_hot, any_oom = self._max([hot, oom])
+        if any_hot:
+            self._pause(temp)
         self._check_memory()
+        return bool(any_oom)
 
     def after_video(self) -> None:
         """Call after each video: empties the CUDA cache when `empty_cache_each_video` was asked for."""
@@ -185,28 +218,45 @@ class GpuGuard:
             self._empty_cache()
             self.cache_empties += 1
 
-    def _check_temperature(self) -> None:
-        if self._read_temp is None:
-            return
-        temp = self._read_temp()
-        if temp is None or temp < self.temp_pause_c:
-            return
+    def _temperature(self) -> float | None:
+        return None if self._read_temp is None else self._read_temp()
+
+    def _max(self, values: list[float]) -> list[float]:
+        """Every process's `values`, element-wise maximum (no collective with one process)."""
+        return list(values) if self.reduce_max is None else list(self.reduce_max(values))
+
+    def _pause(self, temp: float | None) -> None:
+        """Wait until every card is at or below `temp_resume_c` (hysteresis: not just below the pause threshold,
+        so the run does not flap around it), or raise `ThermalTimeout` after `max_wait_s`."""
         start_temp, start = temp, self._clock()
-        self._log(
-            f"GPU at {temp:.0f} °C (pause threshold {self.temp_pause_c:.0f} °C): pausing until it cools to "
-            f"{self.temp_resume_c:.0f} °C."
-        )
-        # Hysteresis: once paused, wait for the lower resume threshold, not just below the pause one, so the
-        # run does not flap around 78 °C.
-        while temp is not None and temp > self.temp_resume_c:
+        if temp is not None and temp >= self.temp_pause_c:
+            self._log(f"GPU at {temp:.0f} °C (pause threshold {self.temp_pause_c:.0f} °C): pausing until it cools to "
+                      f"{self.temp_resume_c:.0f} °C.")
+        else:
+            self._log(f"another process's GPU reached the pause threshold {self.temp_pause_c:.0f} °C (this one: "
+                      f"{_celsius(temp)}): pausing with it until every GPU is at or below {self.temp_resume_c:.0f} °C.")
+        while True:
+            seconds = self._clock() - start
+            warm = temp is not None and temp > self.temp_resume_c
+            late = warm and self.max_wait_s is not None and seconds >= self.max_wait_s
+            any_warm, any_late, hottest = self._max([warm, late, -1.0 if temp is None else temp])
+            if not any_warm:
+                break
+            if any_late:
+                self.pauses.append(PauseEvent(start_temp_c=start_temp, end_temp_c=temp, seconds=seconds))
+                raise ThermalTimeout(
+                    f"the GPU is still at {hottest:.0f} °C after a thermal pause of {seconds:.0f} s (pause at "
+                    f"{self.temp_pause_c:.0f} °C, resume at {self.temp_resume_c:.0f} °C, --thermal-max-wait "
+                    f"{self.max_wait_s:g} s). Let the machine cool (airflow, a lower power limit) or raise "
+                    "--thermal-max-wait (none waits without limit).")
             self._sleep(self.poll_seconds)
-            temp = self._read_temp()
+            temp = self._temperature()
         seconds = self._clock() - start
         self.pauses.append(PauseEvent(start_temp_c=start_temp, end_temp_c=temp, seconds=seconds))
         if temp is None:
             self._log(f"GPU temperature unreadable after {seconds:.1f} s of pause; resuming.")
         else:
-            self._log(f"GPU cooled from {start_temp:.0f} °C to {temp:.0f} °C in {seconds:.1f} s; resuming.")
+            self._log(f"GPU cooled from {_celsius(start_temp)} to {temp:.0f} °C in {seconds:.1f} s; resuming.")
 
     def _check_memory(self) -> None:
         if self._read_mem is None:
@@ -233,12 +283,17 @@ class GpuGuard:
             "disabled_reason": self.disabled_reason,
             "temp_pause_c": self.temp_pause_c,
             "temp_resume_c": self.temp_resume_c,
+            "max_wait_s": self.max_wait_s,
             "vram_warn_frac": self.vram_warn_frac,
             "pauses": len(self.pauses),
             "paused_seconds": round(sum(p.seconds for p in self.pauses), 3),
             "vram_warnings": self.vram_warnings,
             "cache_empties": self.cache_empties,
         }
+
+
+def _celsius(temp: float | None) -> str:
+    return "unreadable" if temp is None else f"{temp:.0f} °C"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,7 +303,10 @@ _CPU_OOM_MARKERS = ("not enough memory", "defaultcpuallocator", "cuda out of mem
 
 
 def is_oom(exc: BaseException) -> bool:
-    """True for CUDA out-of-memory errors and the CPU allocator's "not enough memory" RuntimeErrors."""
+    """True for CUDA out-of-memory errors and the CPU allocator's "not enough memory" RuntimeErrors (an
+    `ArenaError` never is, whatever its message says: it is the answer, not something to retry)."""
+    if isinstance(exc, ArenaError):
+        return False
     if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return True
     if isinstance(exc, RuntimeError):

@@ -14,6 +14,7 @@ every output goes into the fold's folder, ``<models>/folds/fold_<i>`` (`arena.tr
 At the end of every epoch the run state goes to ``last.pt`` (atomically), so a killed run continues from the last
 finished epoch and ends exactly where an uninterrupted run with the same seed ends: the data order, every
 augmentation draw and dropout come from generators seeded by (seed, epoch, index) or restored from the file.
+A thermal pause longer than ``--thermal-max-wait`` stops the run the same way (`arena.errors.ThermalTimeout`).
 
 Outputs (models or fold folder, names from `arena.models_folder`): ``<backbone>_best.pt`` (`DetectorCheckpoint`,
 the seed's keys), ``last.pt``, ``training_summary.json``, ``training_curves.png`` and ``train.log``
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -47,10 +49,10 @@ from arena._files import remove_stale_temporaries
 from arena.augment import augment_spec
 from arena.calibration import fit_calibration
 from arena.data import load_dataset
-from arena.distributed import Dist, EpochSampler, barrier, gather, setup_distributed, unwrap
-from arena.errors import ModelsError, TrainError
+from arena.distributed import Dist, EpochSampler, all_max, barrier, gather, setup_distributed, unwrap
+from arena.errors import ModelsError, ThermalTimeout, TrainError
 from arena.faces.modes import crop_provenance, face_cropper
-from arena.hardware import GpuGuard, halving_schedule, run_with_oom_fallback
+from arena.hardware import GpuGuard, halving_schedule, is_oom, run_with_oom_fallback
 from arena.models_folder import (
     BEST_HEAD_FILE,
     FRAME_TEST_FILE,
@@ -141,7 +143,6 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
                disable=not show, leave=False)
     window_start = 0
     for step, batch in enumerate(bar):
-        ctx.guard.check()
         ok = batch.ok
         for key, msg, good in zip(batch.key, batch.message, ok.tolist(), strict=True):
             if not good:
@@ -157,20 +158,34 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
             continue
         labels_dev = batch.label.to(ctx.device)
         weight = ok.to(ctx.device, torch.float32)
+        # DDP: gradients are all-reduced only in the backward of the micro-step that closes the accumulation window;
+        # that backward must come after the ranks' meeting point (a rank retrying a forward would not join it).
+        synced = ctx.dist.enabled and last_in_window
 
-        def run(k: int, batch=batch, labels_dev=labels_dev, weight=weight, last_in_window=last_in_window,
-                window=window):
+        def run(k: int, batch=batch, labels_dev=labels_dev, weight=weight, synced=synced, window=window):
             frames, valid = _fewer_frames(batch, k)
             frames, valid = frames.to(ctx.device, non_blocking=True), valid.to(ctx.device, non_blocking=True)
-            # DDP: all-reduce gradients only on the micro-step that closes the accumulation window.
-            sync = contextlib.nullcontext() if (last_in_window or not ctx.dist.enabled) else model.no_sync()
-            with sync:
-                with ctx.autocast():
-                    logits, _ = model(frames, valid)
-                per_video = F.cross_entropy(logits.float(), labels_dev, reduction="none")
-                # Failed decodes weigh 0 (under DDP they still run so every rank does the same collectives).
-                loss = (per_video * weight).sum() / weight.sum().clamp_min(1.0)
-                ctx.scaler.scale(loss / window).backward()
+            failed = None
+            with contextlib.nullcontext() if synced or not ctx.dist.enabled else model.no_sync():
+                try:
+                    with ctx.autocast():
+                        logits, _ = model(frames, valid)
+                    per_video = F.cross_entropy(logits.float(), labels_dev, reduction="none")
+                    # Failed decodes weigh 0 (under DDP they still run so every rank does the same collectives).
+                    loss = (per_video * weight).sum() / weight.sum().clamp_min(1.0)
+                    if not synced:
+                        ctx.scaler.scale(loss / window).backward()
+                except Exception as exc:
+                    if not is_oom(exc):
+                        raise
+                    failed = exc
+                # The guard between steps, and the ranks' one meeting point: all pause, retry or stop together.
+                if ctx.guard.check(oom=failed is not None):
+                    if ctx.dist.enabled:  # as if every rank's forward had finished (DDP sets it at a forward's end),
+                        model.require_forward_param_sync = synced  # so the retry's buffer broadcast runs on all or none
+                    raise failed or torch.OutOfMemoryError(f"another process ran out of memory at {k} frames")
+                if synced:
+                    _synced_backward(loss / window, ctx, k)
             return per_video.detach(), torch.softmax(logits.detach().float(), dim=1)[:, 1]
 
         def dropped(k: int, exc: BaseException, step=step) -> None:
@@ -212,6 +227,20 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
         s = metrics.summary(y, q)
         out["acc"], out["auc"] = s["accuracy"], s["auc"]
     return out
+
+
+def _synced_backward(loss: torch.Tensor, ctx: StepContext, frames: int) -> None:
+    """The backward that all-reduces the gradients (DDP). Out of memory here cannot be retried: the other ranks are
+    inside the all-reduce. Raising a non-OOM error ends this process, and torchrun then ends the others."""
+    try:
+        ctx.scaler.scale(loss).backward()
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        raise TrainError(f"process {ctx.dist.rank} of {ctx.dist.world} ran out of memory at {frames} frames in the "
+                         "backward pass that all-reduces the gradients, which cannot be retried under DDP. Run the "
+                         "same command again to resume from last.pt, or start over (--resume no) with a smaller "
+                         "--frames or --image-size, or --grad-checkpointing.") from exc
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, ctx: StepContext) -> None:
@@ -432,7 +461,9 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
     train_loader, val_loader = loader(train_ds, train_sampler), loader(val_ds, val_sampler)
     guard = guard or GpuGuard(temp_pause_c=cfg.temp_pause_c, temp_resume_c=cfg.temp_resume_c,
                               vram_warn_frac=cfg.vram_warn_frac, empty_cache_each_video=cfg.empty_cache_each_video,
-                              device_index=device.index or 0, log=log.warning)
+                              max_wait_s=cfg.thermal_max_wait_s, device_index=device.index or 0, log=log.warning)
+    if dist.enabled:  # one 3-number all_reduce per guard check (per micro-step and per validation batch)
+        guard.reduce_max = functools.partial(all_max, dist=dist, device=device)
     ctx = StepContext(device=device, amp_dtype=amp, scaler=scaler, guard=guard, dist=dist, frames=frames,
                       min_frames=cfg.min_frames)
     if dist.main:
@@ -459,9 +490,12 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
         if stop_reason:
             break
         train_sampler.set_epoch(epoch)
-        tr = train_one_epoch(model, train_loader, optimizer, ctx, epoch=epoch, accum_steps=cfg.accum_steps,
-                             show=dist.main)
-        va = evaluate(model, val_loader, ctx, show=dist.main)
+        try:
+            tr = train_one_epoch(model, train_loader, optimizer, ctx, epoch=epoch, accum_steps=cfg.accum_steps,
+                                 show=dist.main)
+            va = evaluate(model, val_loader, ctx, show=dist.main)
+        except ThermalTimeout as exc:  # every rank at once; stop the way an interrupted run does
+            raise _thermal_stop(exc, cfg, done=epoch - 1, main=dist.main) from None
         lrs = [g["lr"] for g in optimizer.param_groups]
         scheduler.step(va["loss"])
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "train_auc": tr["auc"],
@@ -525,6 +559,16 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
                        best_epoch=int(es["best_epoch"]), epochs_run=len(history), stop_reason=stop_reason,
                        history=history, resumed_from=resumed_from, skipped=dict(ctx.skipped),
                        oom_events=list(ctx.oom_events), main=dist.main, fold=cfg.fold)
+
+
+def _thermal_stop(exc: ThermalTimeout, cfg: TrainConfig, *, done: int, main: bool) -> ThermalTimeout:
+    """The guard's message and where the run stands (last.pt is written at every epoch end, `done` the last)."""
+    stop = ThermalTimeout(f"{exc} Training stopped: " + (
+        f"{cfg.last_path} holds epoch {done}; the same command continues from it (epoch {done + 1} is redone)."
+        if done else "no epoch had finished (no last.pt), so the same command starts over."))
+    if main:
+        log.error("%s", stop)
+    return stop
 
 
 def _finished_result(cfg: TrainConfig, last: dict[str, Any], *, main: bool) -> TrainResult:

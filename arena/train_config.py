@@ -49,6 +49,9 @@ class TrainConfig:
         balanced: class-balanced training order (real and fake alternate; see `arena.distributed.EpochSampler`).
         limit_train / limit_val: use at most this many videos of each part (quick runs, tests).
         min_frames: the fewest frames an out-of-memory retry may fall back to.
+        temp_pause_c / temp_resume_c / vram_warn_frac / empty_cache_each_video: the GPU guard (`arena.hardware`).
+        thermal_max_wait_s: the longest thermal pause (s); then the run stops as an interrupted one does
+            (`arena.errors.ThermalTimeout`, resumable from ``last.pt``). 0: stop at once; None: wait without limit.
         crop: face-centred crops (`arena.faces.FaceCropConfig`) for training and validation clips; None: whole
             frames. Stored in the checkpoint's config, so submit cuts frames the same way.
         augment: the training clips' degradations (`arena.augment`): ``none``, ``light`` or ``strong``.
@@ -98,6 +101,7 @@ class TrainConfig:
     vram_warn_frac: float = 0.9
     crop: FaceCropConfig | None = None
     empty_cache_each_video: bool = False
+    thermal_max_wait_s: float | None = 1800.0
     augment: Literal["none", "light", "strong"] = "none"
     pseudo_fakes: str | None = None
     train_on: Literal["all", "real"] = "all"
@@ -139,6 +143,8 @@ class TrainConfig:
         _need(self.temp_resume_c < self.temp_pause_c, f"--temp-resume ({self.temp_resume_c}) must be below "
               f"--temp-pause ({self.temp_pause_c}); e.g. pause at 78 and resume at 72.")
         _need(0 < self.vram_warn_frac <= 1, f"--vram-warn must be in (0, 1], got {self.vram_warn_frac}")
+        _need(self.thermal_max_wait_s is None or 0 <= self.thermal_max_wait_s < float("inf"),
+              f"--thermal-max-wait must be >= 0 seconds (or none: no limit), got {self.thermal_max_wait_s}")
         _need(self.fold is None or (isinstance(self.fold, int) and self.fold >= 0),
               f"--fold must be a fold number >= 0 (or all), got {self.fold!r}")
         if self.pseudo_fakes is not None:

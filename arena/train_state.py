@@ -29,7 +29,7 @@ from arena.models_folder import LAST_FILE, TRAIN_LOG_FILE, load_torch
 LAST_FORMAT = "arena-train-last-v1"
 # Options that may change between an interrupted run and its resumption without changing the result.
 RESUME_FREE = ("data", "models", "resume", "workers", "device", "epochs", "temp_pause_c", "temp_resume_c",
-               "vram_warn_frac", "empty_cache_each_video", "frames_source")
+               "vram_warn_frac", "empty_cache_each_video", "frames_source", "thermal_max_wait_s")
 # Older spellings of the same precision (runs saved before --amp took fp32 and the one precision policy).
 _PRECISION_ALIASES = {"off": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # Settings added after runs were saved without them: a missing one had this value then.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from arena.distributed import Dist, EpochSampler, gather, setup_distributed
+from arena.distributed import Dist, EpochSampler, all_max, gather, setup_distributed
 from arena.errors import OptionError
 
 
@@ -46,3 +46,9 @@ def test_cuda_n_with_several_processes_per_machine_is_refused(monkeypatch):
         monkeypatch.setenv(k, v)
     with pytest.raises(OptionError, match=r"--device cuda:1 with 2 processes per machine.*CUDA_VISIBLE_DEVICES"):
         setup_distributed(torch.device("cuda", 1))
+
+
+def test_all_max_with_one_process_is_the_values_themselves_without_a_collective(monkeypatch):
+    # No process group exists here: any collective would raise. (Two gloo processes: tests/test_train_guard.py.)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **k: pytest.fail("collective with one process"))
+    assert all_max([True, 0, 81.5], Dist(), torch.device("cpu")) == [1.0, 0.0, 81.5]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
 
-from arena.errors import OptionError, OutOfMemoryAfterFallback
+from arena.errors import ArenaError, OptionError, OutOfMemoryAfterFallback, ThermalTimeout
 from arena.hardware import (
     GpuGuard,
     halving_schedule,
@@ -162,3 +163,93 @@ def test_hardware_summary_is_json():
     json.dumps(info)
     assert info["torch"] == torch.__version__
     assert info["cuda_device_count"] == len(info["devices"])
+
+
+def test_a_pause_longer_than_the_max_wait_raises_thermal_timeout():
+    # make_guard's clock ticks one second per reading: still 85 °C after 5 s of pause -> stop, naming the option.
+    guard, messages, sleeps, _ = make_guard(temps=[85.0], max_wait_s=5)
+    with pytest.raises(ThermalTimeout, match=r"still at 85 °C after a thermal pause of 5 s \(pause at 78 °C, resume "
+                                             r"at 72 °C, --thermal-max-wait 5 s\).*none waits without limit"):
+        guard.check()
+    assert len(sleeps) == 4 and len(guard.pauses) == 1 and guard.pauses[0].seconds == 5
+    assert ThermalTimeout.exit_status == 75 and issubclass(ThermalTimeout, ArenaError)
+    # 0: stop at once, without sleeping; None: no limit (cools after 50 polls).
+    guard, _, sleeps, _ = make_guard(temps=[80.0], max_wait_s=0)
+    with pytest.raises(ThermalTimeout, match="after a thermal pause of 1 s"):  # the fake clock's one tick
+        guard.check()
+    assert sleeps == []
+    guard, _, sleeps, _ = make_guard(temps=[80.0] * 51 + [70.0], max_wait_s=None)
+    guard.check()
+    assert len(sleeps) == 51 and guard.pauses[0].end_temp_c == 70.0
+    with pytest.raises(OptionError, match=r"--thermal-max-wait\) must be >= 0 seconds, or none"):
+        GpuGuard(max_wait_s=-1, read_temp=lambda: 0.0)
+
+
+class ThreadRanks:
+    """`reduce_max` for guards in threads: each call waits for every thread's values, like an all_reduce MAX."""
+
+    def __init__(self, n: int):
+        self.values: list = [None] * n
+        self.barrier = threading.Barrier(n, timeout=10)
+        self.calls = [0] * n
+
+    def reduce_max(self, rank: int):
+        def reduce(values):
+            self.calls[rank] += 1
+            self.values[rank] = list(values)
+            self.barrier.wait()
+            out = [max(column) for column in zip(*self.values, strict=True)]
+            self.barrier.wait()
+            return out
+
+        return reduce
+
+
+def run_ranks(guards, body):
+    """`body(rank, guard)` in one thread per guard; returns what each returned or raised."""
+    out = [None] * len(guards)
+
+    def target(rank):
+        try:
+            out[rank] = body(rank, guards[rank])
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            out[rank] = exc
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(len(guards))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert not any(t.is_alive() for t in threads), "a rank hung"
+    return out
+
+
+def ranked_guards(temps_per_rank, **kw):
+    ranks = ThreadRanks(len(temps_per_rank))
+    guards = []
+    for rank, temps in enumerate(temps_per_rank):
+        guard, _, _, _ = make_guard(temps=temps, **kw)
+        guard.reduce_max = ranks.reduce_max(rank)
+        guards.append(guard)
+    return guards, ranks
+
+
+def test_ranks_pause_together_until_every_card_has_cooled():
+    # Only rank 1 is hot (and cools slowly); rank 0 pauses with it, for the same number of polls.
+    guards, ranks = ranked_guards([[40.0], [85.0, 80.0, 75.0, 70.0, 40.0]])
+    assert run_ranks(guards, lambda r, g: g.check()) == [False, False]
+    assert [len(g.pauses) for g in guards] == [1, 1]
+    assert [g.pauses[0].end_temp_c for g in guards] == [40.0, 70.0]
+    assert ranks.calls[0] == ranks.calls[1] == 1 + 4  # the check's meeting point, then one per poll
+
+
+def test_an_out_of_memory_on_one_rank_is_every_ranks_retry():
+    guards, ranks = ranked_guards([[40.0], [40.0]])
+    assert run_ranks(guards, lambda r, g: g.check(oom=r == 1)) == [True, True]
+    assert ranks.calls == [1, 1] and not any(g.pauses for g in guards)
+
+
+def test_one_ranks_timeout_stops_every_rank():
+    guards, _ = ranked_guards([[40.0], [90.0]], max_wait_s=3)
+    out = run_ranks(guards, lambda r, g: g.check())
+    assert all(isinstance(e, ThermalTimeout) and "still at 90 °C" in str(e) for e in out), out

@@ -47,6 +47,19 @@ def _train_runs(params: dict[str, Any]) -> Path:
     return Path(params["models"]) / RUNS_DIR
 
 
+def _max_wait_value(ctx: click.Context, param: click.Parameter, value: str) -> float | None:
+    """``--thermal-max-wait``: seconds >= 0, or ``none`` for no limit."""
+    if value.strip().lower() == "none":
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise click.BadParameter(f"{value!r} is neither a number of seconds >= 0 nor none.")
+    return seconds
+
+
 @main.command("train-full")
 @long_command(_train_runs)
 @click.option("--data", type=click.Path(exists=True, file_okay=False), required=True, help="Dataset folder.")
@@ -102,6 +115,10 @@ def _train_runs(params: dict[str, Any]) -> Path:
               help="Pause when the GPU reaches this temperature (°C).")
 @click.option("--temp-resume", type=click.FloatRange(20, 105), default=72.0, show_default=True,
               help="Resume when it has cooled to this (°C).")
+@click.option("--thermal-max-wait", default="1800", show_default=True, metavar="SECONDS|none",
+              callback=_max_wait_value,
+              help="Longest thermal pause: a GPU still above --temp-resume after it stops the run (exit 75) with "
+                   "last.pt kept, so the same command continues later; 0 stops at once, none waits without limit.")
 @click.option("--vram-warn", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
               help="Warn and empty the CUDA cache at this fraction of VRAM in use.")
 @click.option("--empty-cache-each-video/--no-empty-cache-each-video", default=False, show_default=True)
@@ -109,8 +126,8 @@ def _train_runs(params: dict[str, Any]) -> Path:
 def train_full_cmd(data, models, fold, backbone, pretrained, weights, image_size, seed, frames, batch_size,
                    accum_steps, lr, head_lr, weight_decay, epochs, lr_patience, es_patience, amp, grad_checkpointing,
                    head_init, head_stats, balanced, augment, pseudo_fakes, train_on, device, workers, resume,
-                   limit_train, limit_val, min_frames, temp_pause, temp_resume, vram_warn, empty_cache_each_video, crop,
-                   face_detector, face_margin, detect_size, detect_frames, max_faces):
+                   limit_train, limit_val, min_frames, temp_pause, temp_resume, thermal_max_wait, vram_warn,
+                   empty_cache_each_video, crop, face_detector, face_margin, detect_size, detect_frames, max_faces):
     """Fine-tune backbone + attention head end to end (resumable; DDP under torchrun -m arena train-full).
 
     Under torchrun each process uses GPU LOCAL_RANK (choose the GPUs with CUDA_VISIBLE_DEVICES); --device cuda:N
@@ -118,6 +135,7 @@ def train_full_cmd(data, models, fold, backbone, pretrained, weights, image_size
     """
     import logging
 
+    from arena.errors import ThermalTimeout
     from arena.train import train
     from arena.train_config import TrainConfig
     from arena.train_folds import train_folds
@@ -130,13 +148,18 @@ def train_full_cmd(data, models, fold, backbone, pretrained, weights, image_size
         es_patience=es_patience, amp=amp, grad_checkpointing=grad_checkpointing, head_init=head_init,
         head_stats=head_stats, balanced=balanced, workers=workers, seed=seed, device=device, resume=resume,
         limit_train=limit_train, limit_val=limit_val, min_frames=min_frames, temp_pause_c=temp_pause,
-        temp_resume_c=temp_resume, vram_warn_frac=vram_warn, empty_cache_each_video=empty_cache_each_video,
+        temp_resume_c=temp_resume, thermal_max_wait_s=thermal_max_wait, vram_warn_frac=vram_warn,
+        empty_cache_each_video=empty_cache_each_video,
         crop=face_config(crop, face_detector, face_margin, detect_size, detect_frames, max_faces), augment=augment,
         pseudo_fakes=None if pseudo_fakes is None else pseudo_fakes.spec, train_on=train_on,
         fold=None if fold == "all" else fold,
     )
     # An ArenaError (data, split, fold, weights, options, resume mismatch) is printed by the group.
-    results = train_folds(cfg) if fold == "all" else [train(cfg)]
+    try:
+        results = train_folds(cfg) if fold == "all" else [train(cfg)]
+    except ThermalTimeout as exc:  # not a fault of the input: its own status, "rerun when cooled"
+        click.echo(f"Error: {exc}", err=True)
+        raise SystemExit(exc.exit_status) from None
     for result in results:
         if result.main:
             for line in result.lines():
