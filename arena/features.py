@@ -72,6 +72,7 @@ class RunSummary:
     excluded: list[str] = field(default_factory=list)  # videos/CSV rows the data check skipped, with reasons
     warnings: list[str] = field(default_factory=list)  # other data-check warnings (e.g. a missing CSV)
     pseudo: int = 0  # pseudo-fake items written (--pseudo-fakes)
+    processes: int = 1  # torchrun ranks that shared the work (`combined`)
 
     def lines(self) -> list[str]:
         rate = self.done / self.seconds if self.seconds > 0 else 0.0
@@ -79,6 +80,7 @@ class RunSummary:
         out = [
             f"done {self.done} (partial {self.partial}), skipped (already cached) {self.skipped}, "
             f"failed {len(self.failed)}; {self.seconds:.1f} s, {rate:.2f} videos/s, {fps:.1f} frames/s"
+            + (f" ({self.processes} processes)" if self.processes > 1 else "")
         ]
         out += [f"  failed {k}: {msg}" for k, msg in sorted(self.failed.items())]
         if self.pseudo:
@@ -103,7 +105,8 @@ class RunSummary:
                    failed={k: v for s in summaries for k, v in s.failed.items()},
                    frames=sum(s.frames for s in summaries), seconds=max(s.seconds for s in summaries),
                    no_face=[k for s in summaries for k in s.no_face], excluded=first.excluded,
-                   warnings=first.warnings, pseudo=sum(s.pseudo for s in summaries))
+                   warnings=first.warnings, pseudo=sum(s.pseudo for s in summaries),
+                   processes=sum(s.processes for s in summaries))
 
 
 def provenance_for(encoder: FrameEncoder, *, variants: Sequence[str], frame_counts: Sequence[int],
