@@ -82,6 +82,10 @@ def setup_distributed(device: torch.device, *, backend: str | None = None,
             raise OptionError(f"--device {device} with {dist.local_world} processes per machine: each process uses "
                               "GPU LOCAL_RANK. Pass --device cuda (or auto) and choose the GPUs with "
                               "CUDA_VISIBLE_DEVICES.")
+        if device.index is None and dist.local_rank >= torch.cuda.device_count():
+            raise OptionError(f"torchrun started {dist.local_world} processes on this machine, but "
+                              f"{torch.cuda.device_count()} GPU(s) are visible: start one process per GPU "
+                              f"(--nproc-per-node {torch.cuda.device_count()}), or pass --device cpu.")
         device = device if device.index is not None else torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():

@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from _world import BACKBONE, FRAMES, IMAGE_SIZE, World, build_world
+from click.testing import CliRunner
 
 from arena.cache import CacheWriter, FeatureCache, absorb_shards, shard_path
+from arena.cli import main
+from arena.distributed import setup_distributed
 from arena.errors import OptionError
 from arena.features import extract_features
 from arena.submit import make_submission
@@ -103,6 +106,16 @@ def test_shard_under_torchrun_is_refused(world, monkeypatch, tmp_path):
     with pytest.raises(OptionError, match=r"--shard 1/2 under torchrun \(WORLD_SIZE=2\).*Drop --shard"):
         extract_features(data=world.data, cache=tmp_path / "f.h5", shard=(1, 2), device="cpu")
     assert not list(tmp_path.iterdir())
+
+
+def test_more_processes_than_gpus_and_evaluate_under_torchrun_are_refused(world, monkeypatch):
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(OptionError, match=r"2 processes on this machine, but 1 GPU\(s\) .*--nproc-per-node 1"):
+        setup_distributed(torch.device("cuda"))
+    res = CliRunner().invoke(main, ["evaluate", "--data", str(world.data), "--models", str(world.models)])
+    assert res.exit_code == 1 and "arena evaluate runs in one process" in res.output
 
 
 def test_two_ranks_write_the_one_process_submission(world, tmp_path):

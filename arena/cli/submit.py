@@ -118,7 +118,13 @@ def evaluate_cmd(data: str, split: str, labels: str | None, out: str | None, att
 
     Exit status: 0 complete; 3 written, but some videos could not be predicted (counted as 0.5).
     """
+    from arena.distributed import launched
+    from arena.errors import OptionError
     from arena.evaluate import evaluate, metrics_lines
+
+    if launched().enabled:  # every process would evaluate everything and write the same files
+        raise OptionError("arena evaluate runs in one process: start it without torchrun (or with --nproc-per-node "
+                          "1).")
 
     result = evaluate(data=data, models=models, checkpoints=checkpoints, ensemble=ensemble, split=split,
                       labels=labels, out=out, attention=attention, attention_first=attention_first, kind=kind,
