@@ -1,13 +1,17 @@
 """Several processes, one run: torchrun's process group, each rank's device and data, and merging their results.
 
-``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``; without it everything here is
-the one-process case (``Dist()``), so the training code has a single path.
+``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``; `launched` reads them (the one
+place that does); without them everything here is the one-process case (``Dist()``), so the training code has a
+single path. `features` and `submit` run under torchrun too: each rank takes its share of the videos and rank 0
+puts the shares together (`shared_run`).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,33 +41,74 @@ class Dist:
         return self.world > 1
 
 
-def setup_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+#: How long a rank of `shared_run` waits for the others at a collective. Shares are equal, but a rerun that resumes
+#: can leave one rank with nearly all the work: the others wait for it, possibly for hours. A rank that dies does not
+#: make the others wait this long: its sockets close (gloo raises at once) and torchrun stops the other workers.
+SHARED_RUN_TIMEOUT = datetime.timedelta(days=7)
+
+
+def launched() -> Dist:
+    """This process's place as torchrun's environment gives it (``Dist()`` when not launched by torchrun, or with
+    ``WORLD_SIZE`` 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    return Dist(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                local_world=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+
+
+def setup_distributed(device: torch.device, *, backend: str | None = None,
+                      timeout: datetime.timedelta | None = None) -> tuple[Dist, torch.device]:
     """Join the process group torchrun prepared (NCCL on GPU, gloo on CPU) and pick this process's device.
 
     Under torchrun on CUDA each process uses GPU ``LOCAL_RANK`` of those visible (choose them with
     ``CUDA_VISIBLE_DEVICES``); an explicit ``cuda:N`` is honoured when one process runs per machine. One process:
     nothing to join, ``device`` as given.
 
+    Args:
+        backend: the group's backend (default NCCL on CUDA, gloo on CPU). timeout: of its collectives (torch's
+            default when None).
+
     Raises:
         OptionError: ``cuda:N`` with several processes per machine (they would all share GPU N).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    dist = launched()
+    if not dist.enabled:
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # so that anything allocated "on cuda" lands on GPU N too
-        return Dist(), device
-    dist = Dist(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                local_world=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+        return dist, device
     if device.type == "cuda":
         if device.index is not None and dist.local_world > 1:
             raise OptionError(f"--device {device} with {dist.local_world} processes per machine: each process uses "
                               "GPU LOCAL_RANK. Pass --device cuda (or auto) and choose the GPUs with "
                               "CUDA_VISIBLE_DEVICES.")
+        if device.index is None and dist.local_rank >= torch.cuda.device_count():
+            raise OptionError(f"torchrun started {dist.local_world} processes on this machine, but "
+                              f"{torch.cuda.device_count()} GPU(s) are visible: start one process per GPU "
+                              f"(--nproc-per-node {torch.cuda.device_count()}), or pass --device cpu.")
         device = device if device.index is not None else torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group(backend=backend or ("nccl" if device.type == "cuda" else "gloo"),
+                                             timeout=timeout)
     return dist, device
+
+
+@contextmanager
+def shared_run(device: torch.device) -> Iterator[tuple[Dist, torch.device]]:
+    """A run whose ranks each take a share of the videos and hand their results to rank 0 (`features`, `submit`).
+
+    Under torchrun this joins a gloo group (the exchanges are small Python objects, and gloo's wait can be long:
+    `SHARED_RUN_TIMEOUT`; NCCL's watchdog would end a rank that waits for a slow one), each rank on its device as
+    `setup_distributed` picks it, and leaves the group afterwards if it joined it. One process: ``(Dist(), device)``.
+    """
+    owns_group = not torch.distributed.is_initialized()
+    dist, device = setup_distributed(device, backend="gloo", timeout=SHARED_RUN_TIMEOUT)
+    try:
+        yield dist, device
+    finally:
+        if owns_group and dist.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def gather(obj: Any, dist: Dist) -> list[Any]:
@@ -86,6 +131,15 @@ def all_max(values: Sequence[float], dist: Dist, device: torch.device) -> list[f
     t = torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return t.tolist()
+
+
+def gather_to_main(obj: Any, dist: Dist) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0, in rank order; None on the other ranks (``[obj]`` without torchrun)."""
+    if not dist.enabled:
+        return [obj]
+    out: list[Any] | None = [None] * dist.world if dist.main else None
+    torch.distributed.gather_object(obj, out, dst=0)
+    return out
 
 
 def barrier(dist: Dist) -> None:

@@ -10,6 +10,10 @@ self-blended copies, cached as items ``<key>#sbi<i>`` labelled fake: blended fro
 second decode), every TTA view made from the blended frames, stored with the real's frame indices and boxes. They
 are made for every labelled real, whatever the split; `arena.pseudo.pseudo_items` lets a consumer take those of its
 training part.
+
+Under torchrun (`arena.distributed.launched`) every rank is one shard, ``(RANK, WORLD_SIZE)``, written to its shard
+file exactly as ``--shard`` would (so a rank that dies keeps its finished videos); rank 0 then merges the shards
+into the cache (`arena.cache.absorb_shards`), which is byte-identical to one process's.
 """
 
 from __future__ import annotations
@@ -23,9 +27,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from arena.cache import FEATURE_FORMAT, CacheWriter, Provenance, shard_items
+from arena.cache import (
+    FEATURE_FORMAT,
+    CacheError,
+    CacheWriter,
+    Provenance,
+    absorb_shards,
+    cached_statuses,
+    shard_files,
+    shard_items,
+    shard_path,
+)
 from arena.clips import ClipDataset, ClipViews, encode_views, iter_clips
 from arena.data import load_dataset
+from arena.distributed import Dist, gather, launched, shared_run
+from arena.errors import OptionError
 from arena.faces.modes import crop_provenance, face_cropper
 from arena.faces.stage import FaceCropConfig
 from arena.model import DEFAULT_BACKBONE, FrameEncoder, create_encoder
@@ -56,6 +72,7 @@ class RunSummary:
     excluded: list[str] = field(default_factory=list)  # videos/CSV rows the data check skipped, with reasons
     warnings: list[str] = field(default_factory=list)  # other data-check warnings (e.g. a missing CSV)
     pseudo: int = 0  # pseudo-fake items written (--pseudo-fakes)
+    processes: int = 1  # torchrun ranks that shared the work (`combined`)
 
     def lines(self) -> list[str]:
         rate = self.done / self.seconds if self.seconds > 0 else 0.0
@@ -63,6 +80,7 @@ class RunSummary:
         out = [
             f"done {self.done} (partial {self.partial}), skipped (already cached) {self.skipped}, "
             f"failed {len(self.failed)}; {self.seconds:.1f} s, {rate:.2f} videos/s, {fps:.1f} frames/s"
+            + (f" ({self.processes} processes)" if self.processes > 1 else "")
         ]
         out += [f"  failed {k}: {msg}" for k, msg in sorted(self.failed.items())]
         if self.pseudo:
@@ -77,6 +95,18 @@ class RunSummary:
             if len(self.excluded) > 20:
                 out.append(f"  ... and {len(self.excluded) - 20} more (arena doctor --data DIR lists all)")
         return out
+
+    @classmethod
+    def combined(cls, summaries: Sequence[RunSummary]) -> RunSummary:
+        """One summary of several ranks' runs over their shares of one data set (its data check is every rank's)."""
+        first = summaries[0]
+        return cls(done=sum(s.done for s in summaries), skipped=sum(s.skipped for s in summaries),
+                   partial=sum(s.partial for s in summaries),
+                   failed={k: v for s in summaries for k, v in s.failed.items()},
+                   frames=sum(s.frames for s in summaries), seconds=max(s.seconds for s in summaries),
+                   no_face=[k for s in summaries for k in s.no_face], excluded=first.excluded,
+                   warnings=first.warnings, pseudo=sum(s.pseudo for s in summaries),
+                   processes=sum(s.processes for s in summaries))
 
 
 def provenance_for(encoder: FrameEncoder, *, variants: Sequence[str], frame_counts: Sequence[int],
@@ -129,9 +159,16 @@ def extract_features(
     Videos already in the cache are skipped; a video that cannot be decoded is recorded as failed and the run
     goes on. A cache with nothing to add is left untouched (not rewritten).
 
+    Under torchrun (``WORLD_SIZE`` > 1) each rank is shard ``(RANK, WORLD_SIZE)`` on its own device (GPU
+    ``LOCAL_RANK`` on CUDA) and skips what ``cache`` and earlier runs' shard files already hold; rank 0 then merges
+    every shard file into ``cache`` and deletes them (`arena.cache.absorb_shards`). With several machines the
+    cache's folder must be one they all share. Every rank returns the summary of the whole run; ``limit`` counts
+    per rank.
+
     Args:
         frame_batch: frames per backbone forward (all views of a video are flattened into these).
-        shard: ``(i, n)``: process every n-th video, into ``cache.shard-i-of-n.h5``.
+        shard: ``(i, n)``: process every n-th video, into ``cache.shard-i-of-n.h5`` (refused under torchrun, where
+            each rank is a shard).
         precision: autocast policy of `arena.runtime` (``auto`` or ``fp32``, ...).
         crop: face-centred crops (`arena.faces.FaceCropConfig`) instead of whole frames; None: whole frames. The
             detector runs in the decoding workers on the CPU, or batched on the GPU when ``device`` is CUDA.
@@ -142,7 +179,35 @@ def extract_features(
         The run summary; the cache is complete when ``summary.failed`` is empty. Videos and CSV rows the data
         check skipped (empty files, names listed but missing, bad labels, ...) are in ``summary.excluded``.
     """
-    dev = resolve_device(device)
+    if launched().enabled and shard is not None:
+        raise OptionError(f"--shard {shard[0]}/{shard[1]} under torchrun (WORLD_SIZE={launched().world}): each rank "
+                          "already takes shard RANK/WORLD_SIZE. Drop --shard, or run one process per shard without "
+                          "torchrun.")
+    with shared_run(resolve_device(device)) as (dist, dev):
+        summary = _extract(data=data, cache=Path(cache), frame_counts=frame_counts, tta=tta, backbone=backbone,
+                           pretrained=pretrained, weights=weights, image_size=image_size, seed=seed, dev=dev,
+                           workers=workers, frame_batch=frame_batch, limit=limit,
+                           shard=(dist.rank, dist.world) if dist.enabled else shard, precision=precision, crop=crop,
+                           pseudo=pseudo, dist=dist)
+        if not dist.enabled:
+            return summary
+        summaries = gather(summary, dist)
+        if dist.main:
+            missing = [p for p in (shard_path(cache, r, dist.world) for r in range(dist.world)) if not p.exists()]
+            if missing:
+                raise CacheError(f"Rank 0 cannot see {', '.join(map(str, missing))}: the other ranks wrote them on "
+                                 "their machines. Put the cache on a folder every machine shares, or run `arena "
+                                 "features --shard i/n` on each machine and `arena cache merge` the shards.")
+            absorb_shards(cache, shard_files(cache))
+        return RunSummary.combined(summaries)
+
+
+def _extract(*, data: str | Path, cache: Path, frame_counts: Sequence[int], tta: bool, backbone: str | None,
+             pretrained: bool, weights: str | None, image_size: int | None, seed: int, dev: torch.device,
+             workers: int, frame_batch: int, limit: int | None, shard: tuple[int, int] | None, precision: str,
+             crop: FaceCropConfig | None, pseudo: CachePseudoFakes | None, dist: Dist) -> RunSummary:
+    """`extract_features` of one process (one shard under torchrun, which also skips what ``cache`` and other
+    runs' shard files hold)."""
     dataset = load_dataset(data)
     encoder = create_encoder(
         backbone or DEFAULT_BACKBONE, pretrained=pretrained, weights=weights, image_size=image_size, seed=seed
@@ -157,8 +222,11 @@ def extract_features(
     excluded = dataset.report.skipped_items
     summary = RunSummary(excluded=excluded, warnings=[w for w in dataset.report.warnings if w not in excluded])
     t0 = time.perf_counter()
+    ours = {shard_path(cache, r, dist.world) for r in range(dist.world)}
+    prior = cached_statuses([cache, *(p for p in shard_files(cache) if p not in ours)], prov) if dist.enabled else {}
     with CacheWriter(cache, prov, shard=shard) as writer:
-        done, usable = writer.done_keys(), writer.done_keys(retry_failed=True)
+        done = writer.done_keys() | prior.keys()
+        usable = writer.done_keys(retry_failed=True) | {k for k, status in prior.items() if status != "failed"}
 
         def copies(it) -> list[tuple[int, str]]:  # the pseudo-fake copies a video still needs (none once it failed)
             if pseudo is None or it.label != 0 or (it.key in done and it.key not in usable):
@@ -172,7 +240,8 @@ def extract_features(
         clips = ClipDataset(todo, size=prov.input_size, variants=variants, frame_counts=frame_counts,
                             decode_device=DECODE_DEVICE, faces=face_cropper(crop, dev))
         margin = None if crop is None else crop.margin
-        bar = tqdm(total=len(todo), desc="features", unit="video", dynamic_ncols=True)
+        bar = tqdm(total=len(todo), desc="features" + (f" (rank 0 of {dist.world})" if dist.enabled else ""),
+                   unit="video", dynamic_ncols=True, disable=not dist.main)
         for clip in iter_clips(clips, workers=workers):
             if clip.views is None:
                 if clip.key not in done:

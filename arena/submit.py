@@ -22,11 +22,14 @@ import numpy as np
 import torch
 
 from arena._files import atomic_write_text
+from arena.cache import shard_items
 from arena.calibration import clip_probabilities
 from arena.data import Dataset, load_dataset
+from arena.distributed import Dist, gather_to_main, launched, shared_run
 from arena.ensemble import (
     COMBINE_MODES,
     Combine,
+    EnsembleRun,
     Member,
     PathsArg,
     as_paths,
@@ -305,12 +308,17 @@ def make_submission(
     max_faces: int | None = None,
     calibration: bool = True,
     clip: float | None = None,
-) -> SubmitResult:
+) -> SubmitResult | None:
     """Predict every test video through the full-video path, verify, validate and write the submission.
 
     Order of events: predict -> (verify against the cache) -> validate -> atomic write. Any failure before the
     write (verification above tolerance, a failed check) raises ``SubmissionError`` and leaves the previous CSV
     untouched.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank loads the models and predicts its share of the test videos (every
+    WORLD_SIZE-th, from RANK) on its device (GPU ``LOCAL_RANK`` on CUDA); rank 0 gathers the predictions and does the
+    rest as one process would (the same CSV, byte for byte) and returns the result; the other ranks return None
+    once their share is handed over, silently.
 
     Args:
         data: data folder (``test_public.csv`` + ``test/``).
@@ -339,9 +347,9 @@ def make_submission(
         SubmissionError: nothing to submit, every video failed, verification or validation failed.
         DataError, ModelsError, PredictError, OptionError: the data folder, a model or an option cannot be used.
     """
+    echo = echo if launched().main else None  # rank 0 reports
     say = echo or (lambda _s: None)
     torch_seed(seed)
-    dev = resolve_device(device)
     if ensemble not in COMBINE_MODES:
         raise OptionError(f"Invalid ensemble mode ({ensemble}). Supported values are {', '.join(COMBINE_MODES)}.")
     dataset = load_dataset(data)
@@ -350,20 +358,23 @@ def make_submission(
         raise SubmissionError(f"{data}: test_public.csv lists no test video; nothing to submit.")
     if clip is not None and not 0.0 < clip < 0.5:
         raise SubmissionError(f"--clip must be in (0, 0.5), got {clip}; 1e-3 or 1e-2 are usual for log-loss scoring.")
-    encoders: dict = {}  # heads tuned on one cache share its encoder
-    members = [Member(s, load_model(s.path, kind=s.kind, frames=frames, tta=tta, device=dev, crop=crop,
-                                    max_faces=max_faces, calibration=calibration, encoders=encoders))
-               for s in member_sources(models, checkpoints, kind=kind, echo=say)]
-    for line in describe(members, ensemble, device=dev):
-        say(line)
-    caches = as_paths(verify)
-    # Fail fast, before the whole test set is predicted.
-    verify_with = {m.name: _verify_cache(m, caches, len(members)) for m in members} if caches else {}
-    item_by_key = {it.key: it for it in dataset.test}
-    items = [item_by_key[r.key] for r in rows if r.key is not None]
-    run = predict_members(items, members, combine=ensemble, device=dev, workers=workers, frame_batch=frame_batch,
-                          precision=precision, progress=progress, desc="submit",
-                          keep_features=[m.name for m in members if caches and m.model.kind == "finetuned"])
+    with shared_run(resolve_device(device)) as (dist, dev):
+        encoders: dict = {}  # heads tuned on one cache share its encoder
+        members = [Member(s, load_model(s.path, kind=s.kind, frames=frames, tta=tta, device=dev, crop=crop,
+                                        max_faces=max_faces, calibration=calibration, encoders=encoders))
+                   for s in member_sources(models, checkpoints, kind=kind, echo=say)]
+        for line in describe(members, ensemble, device=dev):
+            say(line)
+        caches = as_paths(verify)
+        # Fail fast, before the whole test set is predicted.
+        verify_with = {m.name: _verify_cache(m, caches, len(members)) for m in members} if caches else {}
+        item_by_key = {it.key: it for it in dataset.test}
+        items = [item_by_key[r.key] for r in rows if r.key is not None]
+        run = _predict_share(items, members, dist, combine=ensemble, device=dev, workers=workers,
+                             frame_batch=frame_batch, precision=precision, progress=progress, desc="submit",
+                             keep_features=[m.name for m in members if caches and m.model.kind == "finetuned"])
+    if run is None:
+        return None  # another rank than 0: its share is with rank 0, which writes the submission
     frames0 = members[0].model.frames
 
     def aligned(preds: Sequence[VideoPrediction]) -> list[VideoPrediction | None]:
@@ -376,6 +387,8 @@ def make_submission(
         for p, r in zip(aligned(run.predictions), rows, strict=True)
     ]
     lines = run.summary_lines()
+    if dist.enabled:
+        lines.insert(1, f"  {dist.world} processes (torchrun) predicted a share each")
     missing = sum(r.key is None for r in rows)
     if missing:
         lines.append(f"{missing} listed videos are missing or unusable: written with probability 0.5")
@@ -417,6 +430,31 @@ def make_submission(
         say(line)
     return SubmitResult(report=report, verify=verifies.get(members[0].name) if len(members) == 1 else None,
                         lines=lines + done, predictions=predictions, verifies=verifies)
+
+
+def _predict_share(items: Sequence, members: Sequence[Member], dist: Dist, *, progress: bool,
+                   **options) -> EnsembleRun | None:
+    """`arena.ensemble.predict_members` of this rank's share of ``items`` (every ``world``-th from ``rank``, as
+    `arena.cache.shard_items` deals them); on rank 0 the whole run, in ``items`` order; None on the other ranks.
+    One process: the run of every item."""
+    run = predict_members(shard_items(items, dist.rank, dist.world), members, progress=progress and dist.main,
+                          **options)
+    if not dist.enabled:
+        return run
+    shares = gather_to_main((run.predictions, run.by_member, run.seconds, run.frames_encoded), dist)
+    if shares is None:
+        return None
+    where = [i for r in range(dist.world) for i in range(r, len(items), dist.world)]  # item of each share's rows
+
+    def in_order(lists: Sequence[list[VideoPrediction]]) -> list[VideoPrediction]:
+        out: list[VideoPrediction] = [None] * len(items)  # type: ignore[list-item]  # every slot is filled once
+        for i, pred in zip(where, (p for preds in lists for p in preds), strict=True):
+            out[i] = pred
+        return out
+
+    return dataclasses.replace(run, predictions=in_order([s[0] for s in shares]),
+                               by_member={name: in_order([s[1][name] for s in shares]) for name in run.by_member},
+                               seconds=max(s[2] for s in shares), frames_encoded=sum(s[3] for s in shares))
 
 
 def _verify_cache(member: Member, caches: Sequence[str | os.PathLike], n_members: int) -> Path:

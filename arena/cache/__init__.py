@@ -4,7 +4,7 @@ Modules, in the order a cache lives:
 
 * `provenance` -- what determines the features (the cache's identity), compared on every open;
 * `layout` -- the file on disk: compacted HDF5 + staged parts, read and written deterministically;
-* `writer` -- `CacheWriter` (crash-safe staging, lock, compaction) and `merge_shards`;
+* `writer` -- `CacheWriter` (crash-safe staging, lock, compaction), `merge_shards` and `absorb_shards`;
 * `reader` -- `FeatureCache` over one file or a shard set;
 * `shards` -- shard names, ``--shard i/n`` and which paths make one cache.
 """
@@ -12,8 +12,8 @@ Modules, in the order a cache lives:
 from arena.cache.layout import FORMAT, FORMAT_VERSION, STATUSES
 from arena.cache.provenance import FEATURE_FORMAT, Provenance
 from arena.cache.reader import FeatureCache
-from arena.cache.shards import parse_shard, shard_items, shard_path
-from arena.cache.writer import CacheWriter, merge_shards
+from arena.cache.shards import parse_shard, shard_files, shard_items, shard_path
+from arena.cache.writer import CacheWriter, absorb_shards, cached_statuses, merge_shards
 from arena.errors import CacheError
 from arena.sampling import union_indices  # the frames a cache row set holds; re-exported for the cache's users
 
@@ -26,8 +26,11 @@ __all__ = [
     "CacheWriter",
     "FeatureCache",
     "Provenance",
+    "absorb_shards",
+    "cached_statuses",
     "merge_shards",
     "parse_shard",
+    "shard_files",
     "shard_items",
     "shard_path",
     "union_indices",

@@ -77,8 +77,8 @@ def _base_of(path: Path) -> Path:
     return path
 
 
-def _find_shards(path: Path) -> list[Path]:
-    """A missing ``cache.h5`` whose shards exist: return the complete shard set, or say which are missing."""
+def _shard_indices(path: Path) -> dict[int, set[int]]:
+    """The shards of ``path`` on disk (compacted or only staged), as ``{count: {index, ...}}``."""
     pattern = f"{glob.escape(path.stem)}.shard-*-of-*{path.suffix}"
     found = set(path.parent.glob(pattern)) | {_base_of(p) for p in path.parent.glob(pattern + ".parts")}
     shards: dict[int, set[int]] = {}
@@ -86,6 +86,22 @@ def _find_shards(path: Path) -> list[Path]:
         m = _SHARD_RE.match(p.name)
         if m and m.group("stem") == path.stem:
             shards.setdefault(int(m.group("n")), set()).add(int(m.group("i")))
+    return shards
+
+
+def shard_files(path: str | os.PathLike) -> list[Path]:
+    """Every shard of the cache ``path`` on disk, of any shard count (compacted or only staged), by count and index.
+
+    A run that merges its shards into ``path`` takes these too: a killed run with another number of processes left
+    them, and their videos need not be computed again.
+    """
+    path = Path(path)
+    return [shard_path(path, i, n) for n, have in sorted(_shard_indices(path).items()) for i in sorted(have)]
+
+
+def _find_shards(path: Path) -> list[Path]:
+    """A missing ``cache.h5`` whose shards exist: return the complete shard set, or say which are missing."""
+    shards = _shard_indices(path)
     if not shards:
         raise CacheError(f"No feature cache at {path}. Build it with `arena features --cache {path}` "
                          "(or `make features`).")

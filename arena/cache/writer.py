@@ -101,6 +101,42 @@ class _WriteLock:
             self._fd = None
 
 
+def _statuses(path: Path, provenance: Provenance) -> dict[str, str]:
+    """``{key: status}`` of the videos cached at ``path`` (compacted or staged; {} when there is no cache).
+
+    Raises:
+        CacheError: the cache there was built with another configuration than ``provenance``.
+    """
+    if not cache_exists(path):
+        return {}
+    store = Store(path)
+    try:
+        differences = store.provenance.diff(provenance)
+        if differences:
+            raise CacheError(
+                f"{path} was built with another configuration (" + "; ".join(differences) + "). Delete it (and its "
+                ".parts/ folder) or point `arena features --cache` at a new file to rebuild."
+            )
+        return {k: e.status for k, e in store.entries.items()}
+    finally:
+        store.close()
+
+
+def cached_statuses(paths: Sequence[str | os.PathLike], provenance: Provenance) -> dict[str, str]:
+    """``{key: status}`` of the videos cached at any of ``paths`` (missing ones hold none); a video failed in one and
+    cached in another counts as cached.
+
+    Raises:
+        CacheError: one of them was built with another configuration than ``provenance``.
+    """
+    out: dict[str, str] = {}
+    for path in paths:
+        for key, status in _statuses(Path(path), provenance).items():
+            if out.get(key, "failed") == "failed":
+                out[key] = status
+    return out
+
+
 class CacheWriter:
     """Crash-safe, resumable writer of one cache file (or one shard); holds an exclusive lock while open.
 
@@ -124,20 +160,7 @@ class CacheWriter:
         self._lock = _WriteLock(self.path)
         try:
             self._cleanup_stale()
-            self._status: dict[str, str] = {}
-            if cache_exists(self.path):
-                store = Store(self.path)
-                try:
-                    differences = store.provenance.diff(provenance)
-                    if differences:
-                        raise CacheError(
-                            f"{self.path} was built with another configuration ("
-                            + "; ".join(differences) + "). Delete it (and its .parts/ folder) or point "
-                            "`arena features --cache` at a new file to rebuild."
-                        )
-                    self._status = {k: e.status for k, e in store.entries.items()}
-                finally:
-                    store.close()
+            self._status: dict[str, str] = _statuses(self.path, provenance)
         except BaseException:
             self._lock.release()
             raise
@@ -287,6 +310,50 @@ class CacheWriter:
 
     def __repr__(self) -> str:
         return f"CacheWriter({str(self.path)!r}, {self.counts()})"
+
+
+def absorb_shards(out: str | os.PathLike, shards: Sequence[str | os.PathLike]) -> None:
+    """Merge ``shards`` into the cache ``out`` (whose videos, if it exists, stay), then delete the shard files.
+
+    The way a torchrun `arena features` ends on rank 0. ``out`` is byte-identical to the cache one process would
+    have written for the same videos, and a crash at any moment is safe to rerun: until the new ``out`` is renamed
+    into place the old one and the shards are untouched; after that the shards repeat ``out``'s data (which the
+    reader accepts), so a rerun merges the same videos again and deletes them. Every file's write lock is held
+    meanwhile: a writer still busy with one of them is refused.
+
+    Raises:
+        CacheError: a file is being written by another process, or the files disagree (configuration or data).
+    """
+    out, shards = Path(out), [Path(p) for p in shards]
+    locks: list[_WriteLock] = []
+    try:
+        for path in (out, *shards):
+            locks.append(_WriteLock(path))
+        sources = [p for p in (out, *shards) if cache_exists(p)]
+        if not sources:
+            raise CacheError(f"Nothing to merge into {out}: none of {', '.join(map(str, shards))} exists.")
+        with FeatureCache.open(sources) as cache:
+            if not _holds(out, sum(1 for _ in cache.iter_entries())):  # else nothing to add: left untouched
+                atomic_write(out, lambda tmp: write_compacted(tmp, cache.provenance, cache.iter_entries()))
+        drop_parts(out)  # a killed one-process run's staged videos: now in the main file
+        for path in shards:  # only now: until here a crash leaves every video where it was
+            path.unlink(missing_ok=True)
+            drop_parts(path)
+            path.with_name(path.name + ".lock").unlink(missing_ok=True)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _holds(path: Path, n: int) -> bool:
+    """``path`` is a compacted file of ``n`` videos and nothing staged beside it."""
+    if not path.exists():
+        return False
+    store = Store(path)
+    try:
+        return not store.has_parts() and len(store.entries) == n
+    finally:
+        store.close()
 
 
 def merge_shards(out: str | os.PathLike, paths: str | os.PathLike | Sequence[str | os.PathLike]) -> FeatureCache:

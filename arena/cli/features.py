@@ -99,7 +99,8 @@ def cache_merge(out: str, shards: tuple[str, ...]) -> None:
 @workers_option
 @frame_batch_option
 @click.option("--limit", type=click.IntRange(1), default=None, help="Process at most N more videos (quick runs).")
-@click.option("--shard", default=None, callback=parse_shard, help="i/n: this process handles every n-th video.")
+@click.option("--shard", default=None, callback=parse_shard,
+              help="i/n: this process handles every n-th video (not under torchrun, whose ranks are the shards).")
 @click.option("--amp/--no-amp", default=True, show_default=True,
               help="Autocast as the runtime precision policy allows (auto: bf16/fp16 where the device runs it "
                    "natively, else fp32), or always fp32.")
@@ -110,7 +111,12 @@ def features_cmd(data, cache, models, frames, tta, backbone, pretrained, weights
     """Decode every video once, run TTA + backbone, and store per-frame features in an HDF5 cache (resumable).
 
     The cache does not depend on the train/validation split: it serves every split and fold unchanged.
+
+    Under torchrun each process takes its share of the videos (no --shard) on GPU LOCAL_RANK (or the CPU), writes
+    it to its shard file (resumable), and rank 0 merges the shards into --cache (the same bytes one process writes)
+    and reports; with several machines --cache must be on a folder they share. --limit counts per process.
     """
+    from arena.distributed import launched
     from arena.features import extract_features
 
     summary = extract_features(
@@ -121,6 +127,8 @@ def features_cmd(data, cache, models, frames, tta, backbone, pretrained, weights
         crop=face_config(crop, face_detector, face_margin, detect_size, detect_frames, max_faces),
         pseudo=pseudo_fakes,
     )
+    if not launched().main:
+        return  # rank 0 reports the whole run (and exits 3 if some videos failed)
     for line in summary.lines():
         click.echo(line)
     if summary.failed:

@@ -94,6 +94,10 @@ def submit_cmd(data: str, out: str, models: tuple[str, ...], checkpoints: tuple[
 
     Exit status: 0 complete; 3 complete and valid, but some rows are 0.5 because their video could not be
     predicted (listed in predictions_detail.csv); 1 nothing written (the previous CSV is untouched).
+
+    Under torchrun each process loads the models and predicts its share of the test videos on GPU LOCAL_RANK (or
+    the CPU); rank 0 writes the same CSV one process writes, verifies and reports (its exit status is the one
+    above; torchrun itself then exits 1 for 3).
     """
     from arena.submit import make_submission
 
@@ -102,6 +106,8 @@ def submit_cmd(data: str, out: str, models: tuple[str, ...], checkpoints: tuple[
                              frame_batch=frame_batch, precision=_precision(amp), verify=verify,
                              verify_sample=None if verify_all else verify_sample, seed=seed, echo=click.echo,
                              crop=crop, max_faces=max_faces, calibration=calibration, clip=clip)
+    if result is None:
+        return  # under torchrun, a rank other than 0: rank 0 writes, reports and sets the exit status
     failed = [p for p in result.predictions if p.status == "failed"]
     if failed:
         click.echo(f"{len(failed)} row(s) are 0.5 because the video could not be predicted (see "
@@ -136,7 +142,13 @@ def evaluate_cmd(data: str, split: str, labels: str | None, out: str | None, att
 
     Exit status: 0 complete; 3 written, but some videos could not be predicted (counted as 0.5).
     """
+    from arena.distributed import launched
+    from arena.errors import OptionError
     from arena.evaluate import evaluate, metrics_lines
+
+    if launched().enabled:  # every process would evaluate everything and write the same files
+        raise OptionError("arena evaluate runs in one process: start it without torchrun (or with --nproc-per-node "
+                          "1).")
 
     result = evaluate(data=data, models=models, checkpoints=checkpoints, ensemble=ensemble, split=split,
                       labels=labels, out=out, attention=attention, attention_first=attention_first, kind=kind,
