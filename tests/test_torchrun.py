@@ -74,7 +74,8 @@ def test_a_dead_rank_stops_the_run_and_the_rerun_resumes_to_the_one_process_byte
     run = _torchrun("features", "--data", str(world.data), "--cache", str(cache), *FEATURE_ARGS)
     assert run.returncode == 0, run.stderr[-3000:]
     assert filecmp.cmp(cache, reference, shallow=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.h5", "features.h5.lock"]  # shards merged
+    # shards merged and removed; beside the cache only its lock and the runs' records (rank 0 writes them)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.h5", "features.h5.lock", "features.h5.runs"]
     lines = [line for line in run.stdout.splitlines() if line.startswith("done ")]
     assert len(lines) == 1 and "(2 processes)" in lines[0]  # rank 0 reports the whole run, once
     done, skipped = map(int, re.match(r"done (\d+) .*skipped \(already cached\) (\d+)", lines[0]).groups())
