@@ -380,8 +380,9 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
         "head": model.head.config(), "head_init_source": model.head_init_source, "head_stats": head_stats,
         "head_lr": head_lr, "head_weight_decay": head_wd, "weights_source": model.encoder.weights_source,
         "split_sha256": split.sha256, "train_videos": len(train_items), "val_videos": len(val_items),
-        "world_size": dist.world, "optimizer": "AdamW", "scheduler": "ReduceLROnPlateau(val loss, factor 0.1)",
-        "early_stopping": "val loss", "checkpoint": cfg.best_path.name, "train_augment": train_augment_spec(),
+        "world_size": dist.world, "optimizer": "AdamW", "early_stopping": f"val {cfg.monitor}",
+        "scheduler": f"ReduceLROnPlateau(val {cfg.monitor}, factor 0.1)", "checkpoint": cfg.best_path.name,
+        "train_augment": train_augment_spec(),
         "augment_policy": augment_spec(cfg.augment), "crop": crop_provenance(cfg.crop),
         "pseudo_fakes_policy": None if cfg.pseudo is None else cfg.pseudo.record(),
     }
@@ -416,7 +417,7 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
                  time.perf_counter() - t_faces, len(undecodable))
 
     history: list[dict[str, Any]] = []
-    es = {"best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0}
+    es = {"best": math.inf, "best_epoch": 0, "bad_epochs": 0}  # best: the monitored score, lower is better
     start_epoch, elapsed_before, resumed_from, stop_reason = 1, 0.0, 0, ""
     if last is not None:
         model.load_state_dict(last["model_state_dict"])
@@ -424,6 +425,7 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
         scheduler.load_state_dict(last["scheduler_state_dict"])
         scaler.load_state_dict(last["scaler_state_dict"])
         history, es = list(last["history"]), dict(last["early_stopping"])
+        es.setdefault("best", es.pop("best_val_loss", math.inf))  # last.pt files from before --monitor
         start_epoch = int(last["epoch"]) + 1
         resumed_from = int(last["epoch"])
         elapsed_before = float(last["elapsed_seconds"])
@@ -497,15 +499,16 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
         except ThermalTimeout as exc:  # every rank at once; stop the way an interrupted run does
             raise _thermal_stop(exc, cfg, done=epoch - 1, main=dist.main) from None
         lrs = [g["lr"] for g in optimizer.param_groups]
-        scheduler.step(va["loss"])
+        score = _monitored(va, cfg.monitor)
+        scheduler.step(score)
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "train_auc": tr["auc"],
                "val_loss": va["loss"], "val_acc": va["acc"], "val_auc": va["auc"], "val_f1": va["f1"],
                "val_prob_spread": va["prob_spread"], "lr": lrs[0], "head_lr": lrs[1],
                "train_seconds": round(tr["seconds"], 3), "frames": ctx.frames}
         history.append(row)
-        improved = va["loss"] < es["best_val_loss"]
+        improved = score < es["best"]
         if improved:
-            es = {"best_val_loss": va["loss"], "best_epoch": epoch, "bad_epochs": 0}
+            es = {"best": score, "best_epoch": epoch, "bad_epochs": 0}
             best_val = (va["y"], va["z"])
         else:
             es["bad_epochs"] += 1
@@ -559,6 +562,14 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
                        best_epoch=int(es["best_epoch"]), epochs_run=len(history), stop_reason=stop_reason,
                        history=history, resumed_from=resumed_from, skipped=dict(ctx.skipped),
                        oom_events=list(ctx.oom_events), main=dist.main, fold=cfg.fold)
+
+
+def _monitored(va: dict[str, Any], monitor: str) -> float:
+    """The epoch's score for the best checkpoint, early stopping and the LR plateau, lower is better: the validation
+    loss, or minus the validation AUC (+inf when it is undefined: one class)."""
+    if monitor == "auc":
+        return -float(va["auc"]) if va["auc"] is not None and math.isfinite(va["auc"]) else math.inf
+    return float(va["loss"])
 
 
 def _thermal_stop(exc: ThermalTimeout, cfg: TrainConfig, *, done: int, main: bool) -> ThermalTimeout:

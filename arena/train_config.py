@@ -17,6 +17,8 @@ from arena.runtime import PRECISIONS, check_device_name
 from arena.split import AFTER_NEW_SPLIT, SPLIT_FILE, stored_parts
 from arena.train_data import TRAIN_ON
 
+#: ``--monitor`` values: the validation score the best checkpoint, early stopping and the LR plateau follow.
+MONITORS = ("loss", "auc")
 #: ``--amp`` values: the precisions of `arena.runtime`; ``off`` (older runs) is read as ``fp32``.
 AMP_CHOICES = (*PRECISIONS, "off")
 RESUME_CHOICES = ("auto", "yes", "no")
@@ -60,6 +62,10 @@ class TrainConfig:
             itself labelled fake (`arena.train_data.TrainClips`); None: off.
         train_on: ``all`` the training part's videos, or ``real`` its reals only (the SBI protocol; needs
             ``pseudo_fakes``). Validation is the same either way.
+        monitor: what picks the best checkpoint and drives early stopping and the LR plateau: the validation
+            ``loss`` (default), or its ``auc`` (ranking only: under ``--train-on real`` the model learns pseudo-fakes,
+            and its probabilities for a validation set of real fakes rank them well long before they are
+            calibrated; the checkpoint's temperature is still fitted on the validation loss).
         fold: train fold ``i`` of the K-fold split in ``models/split.json`` (train on the other folds, validate on
             fold i) into ``models/folds/fold_<i>``, starting from that folder's ``best_head.pt`` and frame test
             (else the parent's frame test); None: the split's train/validation parts, outputs in ``models``.
@@ -105,6 +111,7 @@ class TrainConfig:
     augment: Literal["none", "light", "strong"] = "none"
     pseudo_fakes: str | None = None
     train_on: Literal["all", "real"] = "all"
+    monitor: Literal["loss", "auc"] = "loss"
     fold: int | None = None
 
     def __post_init__(self) -> None:
@@ -113,7 +120,7 @@ class TrainConfig:
         self.weights = None if self.weights is None else str(self.weights)
         for name, allowed in (("amp", AMP_CHOICES), ("resume", RESUME_CHOICES), ("head_init", HEAD_INIT_CHOICES),
                               ("head_stats", HEAD_STATS_CHOICES), ("augment", AUGMENT_CHOICES),
-                              ("train_on", TRAIN_ON)):
+                              ("train_on", TRAIN_ON), ("monitor", MONITORS)):
             value = getattr(self, name)
             _need(value in allowed, f"Invalid --{name.replace('_', '-')} ({value}). Supported values are "
                                     f"{', '.join(allowed)}.")

@@ -33,7 +33,7 @@ RESUME_FREE = ("data", "models", "resume", "workers", "device", "epochs", "temp_
 # Older spellings of the same precision (runs saved before --amp took fp32 and the one precision policy).
 _PRECISION_ALIASES = {"off": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # Settings added after runs were saved without them: a missing one had this value then.
-_ADDED_LATER = {"augment": "none", "augment_policy": augment_spec("none")}
+_ADDED_LATER = {"augment": "none", "augment_policy": augment_spec("none"), "monitor": "loss"}
 
 
 @dataclass

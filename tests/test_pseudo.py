@@ -191,6 +191,21 @@ def test_train_on_real_trains_a_fold_on_its_reals_records_the_setting_and_resume
         train(_config(data, tmp_path, epochs=2, pseudo_fakes="sbi:0.25", train_on="real", fold=1))
 
 
+def test_monitor_auc_keeps_the_epoch_of_the_best_validation_auc_and_is_a_resume_setting(data, tmp_path):
+    make_split(load_dataset(data, require_test=False), tmp_path, val_fraction=0.5, groups="none", seed=0)
+    result = train(_config(data, tmp_path, epochs=4, es_patience=4, lr=3e-3, pseudo_fakes="sbi", train_on="real",
+                           monitor="auc"))
+    history = [row["val_auc"] for row in result.history]
+    assert len(history) == 4 and result.best_epoch == 1 + int(np.argmax(history))  # the first of equal AUCs
+    losses = [row["val_loss"] for row in result.history]
+    assert int(np.argmin(losses)) != int(np.argmax(history))  # here the loss would have kept another epoch
+    summary = json.loads(result.summary_path.read_text())
+    assert summary["config"]["monitor"] == "auc" and summary["config"]["early_stopping"] == "val auc"
+    assert torch.load(result.best_path, weights_only=True)["epoch"] == result.best_epoch
+    with pytest.raises(TrainError, match="monitor"):
+        train(_config(data, tmp_path, epochs=5, es_patience=4, lr=3e-3, pseudo_fakes="sbi", train_on="real"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the cache
 

@@ -3,19 +3,21 @@
 On the demo data with training fakes of the ``blend`` family only and test fakes of both families (``arena
 demo-data --fake-method blend --test-fake-method mixed``: half blend, half ``splice``, a family SBI never makes),
 three fine-tuning runs of the random-init backbone at the demo's settings (inception_resnet_v2, 112 px, seed 0,
-3 frames, batch 8, no tuned head), all on the same split and validation videos:
+3 frames, batch 8, no tuned head, 4 epochs), all on the same split and validation videos:
 
     real+sbi    --train-on real --pseudo-fakes sbi[:P]   the SBI protocol: the training reals and their blends only
     fakes       --train-on all                           the real (blend) fakes
     fakes+sbi   --train-on all --pseudo-fakes sbi[:P]    both
 
-Each run's best checkpoint (lowest validation loss; validation holds real blend fakes in every run) is evaluated
+Each run's best checkpoint (``--monitor auc``: highest validation AUC; validation holds real blend fakes in every
+run, and a model of pseudo-fakes ranks them well epochs before its validation loss drops) is evaluated
 on the held-out test videos (`arena evaluate --labels test_labels.csv`); the AUC of a family is the test reals
 against that family's test fakes (the ``method`` column). Training CPU-minutes are this process's user + system
 time and its reaped children's (the DataLoader workers) over the `arena.train.train` call, so a loaded machine
-inflates wall time, not the CPU figure.
+inflates wall time, not the CPU figure (run it with OMP_NUM_THREADS=1 on a shared machine: spinning threads of an
+oversubscribed OpenMP pool burn CPU time without work).
 
-    python tools/bench_pseudo.py --out /tmp/bench_pseudo             # full: ~3 x 10 CPU-min on 2 cores
+    python tools/bench_pseudo.py --out /tmp/bench_pseudo             # full: ~3 x 8 CPU-min of training
     python tools/bench_pseudo.py --quick --out /tmp/bench_pseudo_q   # smoke run: tiny data, test_resnet, seconds
 
 Targets (issue 15): real+sbi >= 0.90 held-out AUC on blend and >= 0.80 on splice within 10 training CPU-minutes;
@@ -104,7 +106,7 @@ def run_one(name: str, data: Path, out: Path, args: argparse.Namespace) -> dict[
                       accum_steps=1, epochs=args.epochs, es_patience=args.es_patience, lr=args.lr,
                       workers=settings["workers"] if args.workers is None else args.workers, seed=args.seed,
                       device=args.device, head_init="default", augment=args.augment,
-                      pseudo_fakes=f"sbi:{args.p:g}" if pseudo else None, train_on=train_on)
+                      pseudo_fakes=f"sbi:{args.p:g}" if pseudo else None, train_on=train_on, monitor=args.monitor)
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     result = train(cfg)
     cpu, wall = cpu_seconds() - cpu0, time.perf_counter() - wall0
@@ -165,9 +167,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny data, test_resnet at 32 px, 1 epoch")
     ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     ap.add_argument("--p", type=float, default=1.0, help="--pseudo-fakes sbi:P")
-    ap.add_argument("--epochs", type=int, default=None, help="epochs per run (default 12; quick 1)")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs per run (default 4; quick 1)")
     ap.add_argument("--es-patience", type=int, default=None, help="early stopping patience (default: --epochs)")
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--monitor", default="auc", choices=["loss", "auc"],
+                    help="train-full --monitor for every run (auc: the SBI model's validation loss on real fakes "
+                         "lags its ranking by epochs)")
     ap.add_argument("--augment", default="none", choices=["none", "light", "strong"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=None, help="decoding workers (default 2; quick 0)")
@@ -175,7 +180,7 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="retrain runs whose folder exists (else they resume)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args.epochs = args.epochs or (1 if args.quick else 12)
+    args.epochs = args.epochs or (1 if args.quick else 4)
     args.es_patience = args.es_patience or args.epochs
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
     unknown = [n for n in names if n not in RUNS]

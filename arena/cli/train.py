@@ -82,9 +82,13 @@ def _max_wait_value(ctx: click.Context, param: click.Parameter, value: str) -> f
 @click.option("--weight-decay", type=click.FloatRange(0), default=1e-5, show_default=True)
 @click.option("--epochs", type=click.IntRange(1, 10_000), default=30, show_default=True, help="At most this many.")
 @click.option("--lr-patience", type=click.IntRange(0), default=2, show_default=True,
-              help="ReduceLROnPlateau patience on validation loss (epochs).")
+              help="ReduceLROnPlateau patience on the --monitor score (epochs).")
 @click.option("--es-patience", type=click.IntRange(1), default=3, show_default=True,
-              help="Early stopping patience on validation loss (epochs).")
+              help="Early stopping patience on the --monitor score (epochs).")
+@click.option("--monitor", type=click.Choice(["loss", "auc"]), default="loss", show_default=True,
+              help="Validation score that picks the best checkpoint and drives early stopping and the LR plateau. "
+                   "auc suits --train-on real: a model of pseudo-fakes ranks real fakes well before its "
+                   "probabilities are calibrated (the checkpoint's temperature still fixes those).")
 @click.option("--amp", type=click.Choice(["auto", "fp32", "bf16", "fp16", "off"]), default="auto", show_default=True,
               help="Autocast precision. auto: bf16 where the hardware runs it natively (CUDA GPUs with bf16, CPUs "
                    "with AVX512-BF16/AMX), fp16 with a GradScaler on older CUDA GPUs, else fp32; fp16 needs CUDA; "
@@ -124,7 +128,8 @@ def _max_wait_value(ctx: click.Context, param: click.Parameter, value: str) -> f
 @click.option("--empty-cache-each-video/--no-empty-cache-each-video", default=False, show_default=True)
 @crop_options
 def train_full_cmd(data, models, fold, backbone, pretrained, weights, image_size, seed, frames, batch_size,
-                   accum_steps, lr, head_lr, weight_decay, epochs, lr_patience, es_patience, amp, grad_checkpointing,
+                   accum_steps, lr, head_lr, weight_decay, epochs, lr_patience, es_patience, monitor, amp,
+                   grad_checkpointing,
                    head_init, head_stats, balanced, augment, pseudo_fakes, train_on, device, workers, resume,
                    limit_train, limit_val, min_frames, temp_pause, temp_resume, thermal_max_wait, vram_warn,
                    empty_cache_each_video, crop, face_detector, face_margin, detect_size, detect_frames, max_faces):
@@ -145,7 +150,7 @@ def train_full_cmd(data, models, fold, backbone, pretrained, weights, image_size
         data=data, models=models, backbone=backbone, pretrained=pretrained and weights is None, weights=weights,
         image_size=image_size, frames=frames, batch_size=batch_size, accum_steps=accum_steps, lr=lr,
         head_lr=head_lr, weight_decay=weight_decay, epochs=epochs, lr_patience=lr_patience,
-        es_patience=es_patience, amp=amp, grad_checkpointing=grad_checkpointing, head_init=head_init,
+        es_patience=es_patience, monitor=monitor, amp=amp, grad_checkpointing=grad_checkpointing, head_init=head_init,
         head_stats=head_stats, balanced=balanced, workers=workers, seed=seed, device=device, resume=resume,
         limit_train=limit_train, limit_val=limit_val, min_frames=min_frames, temp_pause_c=temp_pause,
         temp_resume_c=temp_resume, thermal_max_wait_s=thermal_max_wait, vram_warn_frac=vram_warn,
