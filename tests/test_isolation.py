@@ -28,9 +28,9 @@ TRAIN_VIDEO, TEST_VIDEO = "real_0002.mp4", "test_0002.mp4"
 FEATURES = ["--frames", str(FRAMES), "--backbone", BACKBONE, "--no-pretrained", "--image-size", str(IMAGE_SIZE),
             "--device", "cpu", "--workers", "2"]
 REASONS = {"crash": "decoder crashed (signal 11, SIGSEGV)",
-           "hang": "timed out after 2 s (the per-video limit, ARENA_VIDEO_TIMEOUT)",
+           "hang": "timed out after 3 s (the per-video limit, ARENA_VIDEO_TIMEOUT)",
            "oom": "exceeded the memory limit of 200 MB (ARENA_WORKER_MEMORY_MB)"}
-LIMITS = {"ARENA_VIDEO_TIMEOUT": "2", "ARENA_WORKER_MEMORY_MB": "200"}
+LIMITS = {"ARENA_VIDEO_TIMEOUT": "3", "ARENA_WORKER_MEMORY_MB": "200"}
 
 
 @pytest.fixture(scope="module")
