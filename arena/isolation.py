@@ -337,13 +337,12 @@ class _Pool:
             with self.lock:
                 pool += self.started
                 self.started.clear()
-            if more and not waiting:
-                nxt = next(self.keys, None)
-                more = nxt is not None
-                if more:
-                    waiting.append(nxt)
             ahead = sum(w.task is not None for w in pool) + len(done) + len(group) + self.out.qsize() * self.batch_size
             for w in pool:
+                if more and not waiting:
+                    nxt = next(self.keys, None)
+                    more = nxt is not None
+                    waiting.extend([nxt] if more else [])
                 if waiting and w.task is None and w.base_mb is not None and ahead < self.capacity:
                     pos, key = waiting.popleft()
                     try:
