@@ -107,7 +107,8 @@ def load(dataset: Any, key: Any) -> Any:
 
 def isolated(dataset: Any, keys: Iterable, *, workers: int, prefetch: int = 2, batch_size: int = 1,
              collate: Callable[[list], Any] | None = None, pin_memory: bool = False, pin_device: int | None = None,
-             start_method: str | None = None, limits: WorkerLimits | None = None) -> Iterator:
+             start_method: str | None = None, limits: WorkerLimits | None = None,
+             lost: dict[Any, str] | None = None, video_of: Callable[[Any], Any] = lambda key: key) -> Iterator:
     """``dataset[key]`` for every key, in key order, loaded by ``workers`` supervised processes (0: here).
 
     Args:
@@ -119,6 +120,8 @@ def isolated(dataset: Any, keys: Iterable, *, workers: int, prefetch: int = 2, b
             ``pin_device``.
         start_method: the workers' start method (None: the platform's default, as DataLoader).
         limits: default `worker_limits` (``workers``).
+        lost: videos (``video_of(key)``) whose worker crashed, hung or ran out of memory, with the reason: filled
+            here, and a video already in it is not tried again (training's epochs pass the same dict).
 
     Raises:
         OptionError: ``ARENA_FAULT_INJECT`` or a limit's variable cannot be parsed.
@@ -130,7 +133,8 @@ def isolated(dataset: Any, keys: Iterable, *, workers: int, prefetch: int = 2, b
         return _in_process(dataset, keys, batch_size, collate, pin_memory)
     pool = _Pool(dataset, keys, workers=workers, capacity=max(1, prefetch) * workers * batch_size,
                  batch_size=batch_size, collate=collate, pin=pin_memory, pin_device=pin_device,
-                 context=mp.get_context(start_method), limits=limits, plan=plan)
+                 context=mp.get_context(start_method), limits=limits, plan=plan,
+                 lost={} if lost is None else lost, video_of=video_of)
     return pool.results()
 
 
@@ -153,19 +157,28 @@ def _in_process(dataset: Any, keys: Iterable, batch_size: int, collate: Callable
 
 class ClipLoader:
     """What DataLoader was to training: batches of ``collate([dataset[key], ...])`` in ``sampler`` order, loaded by
-    isolated workers (`isolated`). A new pass over the sampler (its current epoch) at each ``iter``."""
+    isolated workers (`isolated`). A new pass over the sampler (its current epoch) at each ``iter``; a video whose
+    worker crashed, hung or ran out of memory is failed at once in later passes (``lost``), not tried again.
+
+    Keys are a video's index or ``(epoch, index, ...)`` (`arena.distributed.EpochSampler`)."""
 
     def __init__(self, dataset: Any, sampler: Iterable, *, batch_size: int, collate: Callable[[list], Any],
                  workers: int, pin_memory: bool = False, pin_device: int | None = None) -> None:
         self.dataset, self.sampler, self.batch_size, self.collate = dataset, sampler, batch_size, collate
         self.workers, self.pin_memory, self.pin_device = workers, pin_memory, pin_device
+        self.lost: dict[int, str] = {}
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self) -> Iterator:
         return isolated(self.dataset, list(self.sampler), workers=self.workers, batch_size=self.batch_size,
-                        collate=self.collate, pin_memory=self.pin_memory, pin_device=self.pin_device)
+                        collate=self.collate, pin_memory=self.pin_memory, pin_device=self.pin_device,
+                        lost=self.lost, video_of=_video_index)
+
+
+def _video_index(key: Any) -> int:
+    return key[1] if isinstance(key, tuple) else key
 
 
 # ------------------------------------------------------------------------------------------------ worker side
@@ -270,10 +283,10 @@ class _Pool:
 
     def __init__(self, dataset: Any, keys: Iterable, *, workers: int, capacity: int, batch_size: int,
                  collate: Callable, pin: bool, pin_device: int | None, context, limits: WorkerLimits,
-                 plan: dict[str, str]) -> None:
+                 plan: dict[str, str], lost: dict[Any, str], video_of: Callable[[Any], Any]) -> None:
         self.dataset, self.keys, self.workers, self.capacity = dataset, iter(enumerate(keys)), workers, capacity
         self.batch_size, self.collate, self.pin, self.pin_device = batch_size, collate, pin, pin_device
-        self.context, self.limits, self.plan = context, limits, plan
+        self.context, self.limits, self.plan, self.lost, self.video_of = context, limits, plan, lost, video_of
         self.out: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -342,7 +355,10 @@ class _Pool:
                 if more and not waiting:
                     nxt = next(self.keys, None)
                     more = nxt is not None
-                    waiting.extend([nxt] if more else [])
+                    if more and self.video_of(nxt[1]) in self.lost:  # its worker died on it before: not again
+                        done[nxt[0]] = self.dataset.failed(nxt[1], self.lost[self.video_of(nxt[1])])
+                    elif more:
+                        waiting.append(nxt)
                 if waiting and w.task is None and w.base_mb is not None and ahead < self.capacity:
                     pos, key = waiting.popleft()
                     try:
@@ -366,7 +382,8 @@ class _Pool:
                 w.close(graceful=False)
                 if w.task is not None:
                     pos, key, _ = w.task
-                    done[pos] = self.dataset.failed(key, w.reason or reason)
+                    self.lost[self.video_of(key)] = w.reason or reason
+                    done[pos] = self.dataset.failed(key, self.lost[self.video_of(key)])
                 elif w.base_mb is None:
                     start_failures += 1
                     if start_failures >= START_FAILURES:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from types import SimpleNamespace
 
@@ -22,7 +23,7 @@ from arena.cli import main
 from arena.clips import ClipViews
 from arena.errors import OptionError
 from arena.faults import fault_plan
-from arena.isolation import isolated, worker_limits
+from arena.isolation import ClipLoader, isolated, worker_limits
 
 TRAIN_VIDEO, TEST_VIDEO = "real_0002.mp4", "test_0002.mp4"
 FEATURES = ["--frames", str(FRAMES), "--backbone", BACKBONE, "--no-pretrained", "--image-size", str(IMAGE_SIZE),
@@ -136,6 +137,48 @@ class _Flaky:
 
     def failed(self, i: int, reason: str) -> str:
         return f"failed {i}: {reason}"
+
+
+class _Dies:
+    """A dataset whose worker exits on video 1, noting each try in ``log``."""
+
+    def __init__(self, log) -> None:
+        self.log = log
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, key: tuple[int, int]) -> int:
+        if key[1] == 1:
+            with open(self.log, "a") as f:
+                f.write("x")
+            os._exit(7)
+        return key[1]
+
+    def failed(self, key: tuple[int, int], reason: str) -> str:
+        return f"failed {key[1]}: {reason}"
+
+
+class _Epochs:
+    """The keys of one epoch, as `arena.distributed.EpochSampler` gives them."""
+
+    epoch = 0
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in range(3)])
+
+    def __len__(self) -> int:
+        return 3
+
+
+def test_training_batches_skip_a_lost_video_for_the_rest_of_the_run(tmp_path):
+    sampler = _Epochs()
+    loader = ClipLoader(_Dies(tmp_path / "tries"), sampler, batch_size=2, collate=list, workers=1)
+    assert len(loader) == 2
+    for epoch in range(2):
+        sampler.epoch = epoch
+        assert list(loader) == [[0, "failed 1: decode worker exited with status 7"], [2]]
+    assert (tmp_path / "tries").read_text() == "x"  # tried in the first epoch only
 
 
 @pytest.mark.parametrize("workers", [0, 2])
