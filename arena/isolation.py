@@ -21,9 +21,12 @@ after each video (``malloc_trim``), so what a large video left behind does not c
 
 Results come back in key order through one pipe per worker (torch's reductions move tensors through shared memory,
 as in DataLoader), at most ``workers * prefetch`` batches ahead of the consumer; the supervisor collates them into
-batches and, for a CUDA model, pins them. Workers start as DataLoader's do (``fork``, or ``spawn`` when they use
-CUDA), ignore Ctrl-C (the main process stops them) and die with the thread that started them (``PR_SET_PDEATHSIG``),
-so a ``kill -9`` of the main process leaves none behind. The fault switch of `arena.faults` is armed in the workers.
+batches and, for a CUDA model, pins them. Workers start as DataLoader's do: from the main thread, between two
+items (a fork from another thread could copy a lock the main thread holds mid-op), by ``fork``, or ``spawn`` when
+they use CUDA. They ignore Ctrl-C (the main process stops them) and die with the main process
+(``PR_SET_PDEATHSIG``), so a ``kill -9`` of it leaves none behind. The fault switch of `arena.faults` is armed in
+the workers. Training passes one ``lost`` record to all its epochs (`ClipLoader`): a video that cost a worker is
+failed at once later, not decoded (and waited for) again.
 """
 
 from __future__ import annotations
@@ -184,13 +187,15 @@ def _video_index(key: Any) -> int:
 # ------------------------------------------------------------------------------------------------ worker side
 
 
-def _worker(conn, dataset: Any, plan: dict[str, str], memory_mb: int) -> None:
+def _worker(conn, dataset: Any, plan: dict[str, str], memory_mb: int, parent: int) -> None:
     """A worker's life: say ready (with its resident size), then load one key at a time until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.setpgid(0, 0)  # its own process group: a kill reaches the FFmpeg children too
     libc = _libc()
     if libc is not None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the thread that started this worker
+    if os.getppid() != parent:  # the main process died before the line above
+        return
     torch.set_num_threads(1)
     faults.arm(plan, memory_mb)
     conn.send(("ready", _rss_mb(os.getpid())))
@@ -246,8 +251,8 @@ class _Worker:
 
     def __init__(self, context, dataset: Any, plan: dict[str, str], memory_mb: int) -> None:
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_worker, args=(child, dataset, plan, memory_mb), daemon=True,
-                                       name="arena-decode")
+        self.process = context.Process(target=_worker, args=(child, dataset, plan, memory_mb, os.getpid()),
+                                       daemon=True, name="arena-decode")
         self.process.start()
         child.close()
         self.base_mb: float | None = None  # resident size at start; None until the worker says it is ready
