@@ -1,7 +1,8 @@
 """The one clip pipeline: decode -> (augment) -> views, shared by ``features``, ``train-full`` and ``submit``.
 
-``ClipDataset`` holds only paths (decoders are created inside the DataLoader worker that decodes) and yields one
-``ClipViews`` per video: uint8 views ``[V, T, 3, H, W]``, the source frame indices and the attention mask.
+``ClipDataset`` holds only paths (decoders are created inside the worker process that decodes: `arena.isolation`,
+which turns a crash, a hang or a runaway allocation into that one video's failure) and yields one ``ClipViews`` per
+video: uint8 views ``[V, T, 3, H, W]``, the source frame indices and the attention mask.
 
 * Cache and submission: ``views`` are the TTA variants (``arena.tta``) of the uniformly sampled frames.
 * Training: the same decode, then the ``augment`` hook (one random draw per clip from a generator seeded by
@@ -28,10 +29,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from arena.errors import OptionError, VideoDecodeError
 from arena.faces.stage import FaceCropper, FaceCrops
+from arena.faults import before_decode
+from arena.isolation import isolated
 from arena.nvdec import check_decoder, use_nvdec
 from arena.runtime import autocast
 from arena.sampling import first_occurrence, uniform_indices
@@ -96,8 +99,8 @@ class ClipViews:
         return self.views is not None
 
     def pin_memory(self) -> ClipViews:
-        """The clip with its tensors in page-locked memory (the DataLoader's pinning thread calls this), so the copy
-        to the GPU runs asynchronously."""
+        """The clip with its tensors in page-locked memory (the decode supervisor of `arena.isolation` calls this),
+        so the copy to the GPU runs asynchronously."""
         return self._map(torch.Tensor.pin_memory)
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ClipViews:
@@ -111,7 +114,7 @@ class ClipViews:
 
 
 class ClipDataset(Dataset):
-    """Decode -> views for a list of videos; safe for DataLoader worker processes.
+    """Decode -> views for a list of videos; safe for worker processes (`arena.isolation`).
 
     Args:
         items: objects with ``key``, ``path`` and ``label`` (``arena.data.VideoItem``).
@@ -189,11 +192,17 @@ class ClipDataset(Dataset):
             return want
         return np.union1d(want, self.faces.detection_indices(num_source_frames))
 
+    def failed(self, key: int | tuple[int, ...], message: str) -> ClipViews:
+        """The clip that stands for ``self[key]`` when the video could not be used: ``message`` says why."""
+        i = key[1] if isinstance(key, tuple) else key
+        item, empty = self.items[i], np.zeros(0, dtype=np.int64)
+        return ClipViews(item.key, None, empty, empty.astype(bool), 0, "failed", message, item.label, index=i)
+
     def __getitem__(self, key: int | tuple[int, int]) -> ClipViews:
         epoch, i = key if isinstance(key, tuple) else (0, key)
         item = self.items[i]
-        empty = np.zeros(0, dtype=np.int64)
         try:
+            before_decode(item.path)  # the fault switch (`arena.faults`): armed in decode workers only
             clip = decode_selected(
                 item.path, lambda n: self._decode_indices(n, item.path),
                 size=None if self.faces is not None else self.size, device=self.decode_device,
@@ -208,7 +217,7 @@ class ClipDataset(Dataset):
                 views = [tta_views(t, self.variants) for t in tracks]
         except VideoDecodeError as exc:
             # A broken video costs its own row or training step, never the run: recorded as failed with the reason.
-            return ClipViews(item.key, None, empty, empty.astype(bool), 0, "failed", str(exc), item.label, index=i)
+            return self.failed(key, str(exc))
         message = "; ".join(m for m in (clip.message, face.message if face is not None and not face.found else "")
                             if m)
         return ClipViews(
@@ -243,40 +252,26 @@ class ClipDataset(Dataset):
         return list(face.crops), valid, face
 
 
-def _identity(x):
-    return x
-
-
-def make_loader(dataset: ClipDataset, *, workers: int, prefetch: int = 2, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader yielding one ``ClipViews`` at a time, decoding ``workers`` videos ahead of the model.
-
-    A face detector on CUDA and NVDEC run in the workers too, which then start by ``spawn`` (CUDA cannot be used
-    in a forked process). ``pin_memory``: the clips' tensors arrive in page-locked memory (for a CUDA model).
-    """
-    cuda_workers = (dataset.faces is not None and dataset.faces.device.startswith("cuda")) or use_nvdec(dataset.decoder)
-    return DataLoader(
-        dataset,
-        batch_size=None,  # one video per item: videos have different frame counts
-        shuffle=False,
-        num_workers=workers,
-        prefetch_factor=prefetch if workers > 0 else None,
-        persistent_workers=False,
-        collate_fn=_identity,
-        multiprocessing_context="spawn" if cuda_workers and workers > 0 else None,
-        pin_memory=pin_memory,
-    )
+def start_method(dataset: ClipDataset) -> str | None:
+    """How decode workers start: ``spawn`` when they use CUDA (a face detector on CUDA, NVDEC; CUDA cannot be used
+    in a forked process), else the platform's default."""
+    cuda = (dataset.faces is not None and dataset.faces.device.startswith("cuda")) or use_nvdec(dataset.decoder)
+    return "spawn" if cuda else None
 
 
 def iter_clips(dataset: ClipDataset, *, workers: int, device: torch.device | None = None) -> Iterator[ClipViews]:
-    """Decoded clips in dataset order, decoding in ``workers`` processes while the caller computes.
+    """Decoded clips in dataset order, decoding in ``workers`` isolated processes while the caller computes.
 
-    Every clip comes with its views made (``pending`` empty), also with ``views_on="device"``: there they are made
-    on ``device`` (on the CPU without one). With a ``device``, the clips' tensors are moved there: on a GPU from
-    pinned memory on a second stream, one clip ahead, so the copy of the next clip runs under the model's work
-    on this one.
+    Each worker decodes one video at a time under a time and a memory limit (`arena.isolation`): a video whose
+    worker crashes, hangs or runs out of memory, or whose decode raises anything, comes back failed with the
+    reason, and the others are decoded as usual. Every clip comes with its views made (``pending`` empty), also
+    with ``views_on="device"``: there they are made on ``device`` (on the CPU without one). With a ``device``, the
+    clips' tensors are moved there: on a GPU from pinned memory on a second stream, one clip ahead, so the copy
+    of the next clip runs under the model's work on this one.
     """
     cuda = device is not None and torch.device(device).type == "cuda"
-    clips = make_loader(dataset, workers=workers, pin_memory=cuda)
+    clips = isolated(dataset, range(len(dataset)), workers=workers, pin_memory=cuda,
+                     pin_device=torch.device(device).index if cuda else None, start_method=start_method(dataset))
     if not cuda:
         yield from (_made(clip if device is None else clip._map(lambda t: t.to(device))) for clip in clips)
         return
@@ -327,6 +322,9 @@ def encode_views(
     whatever the number of frames per video. ``precision`` follows `arena.runtime.autocast_dtype`. ``views`` may
     already be on ``device`` (`iter_clips` with a device): then no batch is copied at all. The one host sync is the
     copy of the features back, once per video.
+
+    Raises:
+        ValueError: a feature is NaN or infinite (callers record it as the video's failure).
     """
     v, t = views.shape[:2]
     flat = views.reshape(v * t, *views.shape[2:])
@@ -336,4 +334,7 @@ def encode_views(
             chunk = flat[start : start + frame_batch].to(device, non_blocking=True)
             chunk = chunk.contiguous(memory_format=torch.channels_last)
             out.append(encoder(chunk).float())  # stays on the device: one copy back per video, not a sync per batch
-    return torch.cat(out).cpu().reshape(v, t, -1)
+    feats = torch.cat(out).cpu().reshape(v, t, -1)
+    if not torch.isfinite(feats).all():  # a damaged frame or a broken backbone: this video's failure, not a NaN row
+        raise ValueError("the backbone gave non-finite features (NaN or inf)")
+    return feats

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ from arena.distributed import Dist, gather, launched, shared_run
 from arena.errors import OptionError
 from arena.faces.modes import crop_provenance, face_cropper
 from arena.faces.stage import FaceCropConfig
+from arena.isolation import describe
 from arena.model import DEFAULT_BACKBONE, FrameEncoder, create_encoder
 from arena.pseudo import CachePseudoFakes, blend_clip, face_box
 from arena.runtime import resolve_device
@@ -156,8 +157,10 @@ def extract_features(
 ) -> RunSummary:
     """Build (or resume) the feature cache for every train and test video of ``data``.
 
-    Videos already in the cache are skipped; a video that cannot be decoded is recorded as failed and the run
-    goes on. A cache with nothing to add is left untouched (not rewritten).
+    Videos already in the cache are skipped; a video that cannot be used is recorded as failed with the reason
+    and the run goes on: one that cannot be decoded, whose decode worker crashes, hangs or runs out of memory
+    (`arena.isolation`), or whose processing raises (a NaN feature, ...).
+    A cache with nothing to add is left untouched (not rewritten).
 
     Under torchrun (``WORLD_SIZE`` > 1) each rank is shard ``(RANK, WORLD_SIZE)`` on its own device (GPU
     ``LOCAL_RANK`` on CUDA) and skips what ``cache`` and earlier runs' shard files already hold; rank 0 then merges
@@ -240,28 +243,36 @@ def _extract(*, data: str | Path, cache: Path, frame_counts: Sequence[int], tta:
         clips = ClipDataset(todo, size=prov.input_size, variants=variants, frame_counts=frame_counts,
                             decode_device=DECODE_DEVICE, faces=face_cropper(crop, dev))
         margin = None if crop is None else crop.margin
+        encode = dict(encoder=encoder, device=dev, frame_batch=frame_batch, precision=precision)
         bar = tqdm(total=len(todo), desc="features" + (f" (rank 0 of {dist.world})" if dist.enabled else ""),
                    unit="video", dynamic_ncols=True, disable=not dist.main)
         for clip in iter_clips(clips, workers=workers):
+            stored: list[tuple[str, int | None, np.ndarray]] = []
+            if clip.views is not None:
+                try:  # everything of one video before anything is written: it is stored whole or failed
+                    if clip.key not in done:
+                        stored.append((clip.key, clip.label, _encode(clip.views, **encode)))
+                    for i, key in copies(clip):  # from the decoded frames: every view is made from the blend
+                        frames = blend_clip(clip.views[variants.index("original")], pseudo.rng(seed, clip.key, i),
+                                            box=face_box(prov.input_size, margin, clip.faces_found),
+                                            config=pseudo.config)
+                        stored.append((key, 1, _encode(tta_views(frames, variants), **encode)))
+                except Exception as exc:  # noqa: BLE001 - a damaged frame, a NaN feature: this video's failure
+                    clip = replace(clip, views=None, status="failed", message=describe(exc))
             if clip.views is None:
                 if clip.key not in done:
                     writer.write_failure(clip.key, label=clip.label, message=clip.message)
                 summary.failed[clip.key] = clip.message
             else:
-                encode = dict(encoder=encoder, device=dev, frame_batch=frame_batch, precision=precision)
+                for key, label, feats in stored:
+                    _write(writer, clip, key, feats, label)
                 if clip.key not in done:
-                    _store(writer, clip, clip.key, clip.views, clip.label, **encode)
                     if clip.faces_found is False:
                         summary.no_face.append(clip.key)
                     summary.done += 1
                     summary.partial += clip.status == "partial"
                     summary.frames += int(clip.views.shape[0] * clip.views.shape[1])
-                for i, key in copies(clip):  # from the decoded frames: every view is made from the blend
-                    frames = blend_clip(clip.views[variants.index("original")], pseudo.rng(seed, clip.key, i),
-                                        box=face_box(prov.input_size, margin, clip.faces_found),
-                                        config=pseudo.config)
-                    _store(writer, clip, key, tta_views(frames, variants), 1, **encode)
-                    summary.pseudo += 1
+                summary.pseudo += sum(key != clip.key for key, _, _ in stored)
             bar.update(1)
             elapsed = time.perf_counter() - t0
             bar.set_postfix(fps=f"{summary.frames / max(elapsed, 1e-9):.1f}", failed=len(summary.failed))
@@ -270,14 +281,26 @@ def _extract(*, data: str | Path, cache: Path, frame_counts: Sequence[int], tta:
     return summary
 
 
-def _store(writer: CacheWriter, clip: ClipViews, key: str, views: torch.Tensor, label: int | None, *,
-           encoder: FrameEncoder, device: torch.device, frame_batch: int, precision: str) -> None:
-    """Encode ``views`` (the clip's, or its pseudo-fake's) and write them under ``key`` with the clip's frame
-    indices, mask, status and main-track boxes."""
+def _encode(views: torch.Tensor, *, encoder: FrameEncoder, device: torch.device, frame_batch: int,
+            precision: str) -> np.ndarray:
+    """The float16 features the cache stores for ``views``.
+
+    Raises:
+        ValueError: a feature is NaN or infinite, or beyond float16's range.
+    """
     feats = encode_views(encoder, views, device=device, frame_batch=frame_batch, precision=precision)
+    half = feats.numpy().astype(np.float16)
+    if not np.isfinite(half).all():
+        raise ValueError(f"features beyond float16's range (largest |x| {float(feats.abs().max()):.3g})")
+    return half
+
+
+def _write(writer: CacheWriter, clip: ClipViews, key: str, features: np.ndarray, label: int | None) -> None:
+    """Write ``features`` (the clip's, or its pseudo-fake's) under ``key`` with the clip's frame indices, mask,
+    status and main-track boxes."""
     writer.write(
         key,
-        features=feats.numpy().astype(np.float16),
+        features=features,
         frame_indices=clip.frame_indices,
         num_source_frames=clip.num_source_frames,
         label=label,

@@ -1,6 +1,6 @@
 """Full-video inference: the model (fine-tuned or head-only), decode -> TTA -> backbone -> head per video.
 
-The full-video path uses `arena.clips.ClipDataset` (decode + TTA views in DataLoader workers) and
+The full-video path uses `arena.clips.ClipDataset` (decode + TTA views in isolated workers) and
 `arena.clips.encode_views` (the backbone), the very functions that fill the feature cache, so the submission and
 the cache see identical frames. The head is applied by `head_probabilities`, the one function used on the full
 path's features and on cached features alike (see `arena.verify`); heads that read one encoder's features (an

@@ -1,6 +1,6 @@
 """End-to-end fine-tuning of backbone + attention head (`arena train-full`), readable top to bottom.
 
-    split.json ─► ClipDataset (decode -> augment hook, in DataLoader workers) ─► Detector ─► AdamW
+    split.json ─► ClipDataset (decode -> augment hook, in isolated workers) ─► Detector ─► AdamW
                           └── val: the "original" view ─► metrics ─► ReduceLROnPlateau / early stopping
 
 The training clips (`arena.train_data.TrainClips`): with ``--pseudo-fakes sbi[:P]`` a real is joined in its batch,
@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from arena import metrics
@@ -53,6 +52,7 @@ from arena.distributed import Dist, EpochSampler, all_max, barrier, gather, setu
 from arena.errors import ModelsError, ThermalTimeout, TrainError
 from arena.faces.modes import crop_provenance, face_cropper
 from arena.hardware import GpuGuard, halving_schedule, is_oom, run_with_oom_fallback
+from arena.isolation import ClipLoader
 from arena.models_folder import (
     BEST_HEAD_FILE,
     FRAME_TEST_FILE,
@@ -127,7 +127,7 @@ def _fewer_frames(batch: ClipBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return batch.frames[:, rows], batch.valid[:, rows]
 
 
-def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, ctx: StepContext,
+def train_one_epoch(model: torch.nn.Module, loader: ClipLoader, optimizer: torch.optim.Optimizer, ctx: StepContext,
                     *, epoch: int, accum_steps: int, show: bool) -> dict[str, float | None]:
     """One pass over the training loader with gradient accumulation; returns loss/accuracy/AUC of the epoch."""
     model.train()
@@ -252,7 +252,7 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, ctx: StepContext) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, ctx: StepContext, *, show: bool,
+def evaluate(model: torch.nn.Module, loader: ClipLoader, ctx: StepContext, *, show: bool,
              desc: str = "val") -> dict[str, Any]:
     """Predict every validation video (eval mode, ``original`` view); metrics over all ranks, and the labels ``y``
     and logit differences ``z`` (fake minus real) for calibration.
@@ -455,10 +455,9 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
                                      labels=[it.label for it in train_items] if cfg.balanced else None)
     val_sampler = EpochSampler(val_ds, world=dist.world, rank=dist.rank, shuffle=False, seed=cfg.seed)
 
-    def loader(ds, sampler) -> DataLoader:
-        return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                          collate_fn=CollateClips(frames, size), pin_memory=device.type == "cuda",
-                          prefetch_factor=2 if cfg.workers > 0 else None, persistent_workers=False)
+    def loader(ds, sampler) -> ClipLoader:  # a video whose worker crashes, hangs or runs out of memory is skipped
+        return ClipLoader(ds, sampler, batch_size=cfg.batch_size, collate=CollateClips(frames, size),
+                          workers=cfg.workers, pin_memory=device.type == "cuda", pin_device=device.index)
 
     train_loader, val_loader = loader(train_ds, train_sampler), loader(val_ds, val_sampler)
     guard = guard or GpuGuard(temp_pause_c=cfg.temp_pause_c, temp_resume_c=cfg.temp_resume_c,

@@ -31,7 +31,7 @@ TRAIN_ON = ("all", "real")
 
 @dataclass(frozen=True)
 class AugmentClip:
-    """The training hook of `ClipDataset` (a dataclass: picklable for DataLoader workers).
+    """The training hook of `ClipDataset` (a dataclass: picklable for the decode workers).
 
     The ``level``'s degradations (`arena.augment.degrade`), then one `train_augment` draw. The degradations draw
     from a child of ``rng`` (``rng.spawn``), which leaves ``rng``'s own stream untouched: ``train_augment`` draws
@@ -74,11 +74,17 @@ class TrainClips(ClipDataset):
         return (self.pseudo is not None and self.items[index].label == 0
                 and self.pseudo.draw(self.seed, epoch, index)[0])
 
+    def failed(self, key: int | tuple[int, ...], message: str) -> ClipViews:
+        """The failed clip of ``key``: a twin's is labelled fake and indexed as the twin."""
+        clip = super().failed(key, message)
+        twin = isinstance(key, tuple) and len(key) > 2 and key[2]
+        return dataclasses.replace(clip, label=1, index=len(self.items) + clip.index) if twin else clip
+
     def __getitem__(self, key: int | tuple[int, ...]) -> ClipViews:
         epoch, i, twin = (*key, 0)[:3] if isinstance(key, tuple) else (0, key, 0)
         clip = super().__getitem__((epoch, i))  # the original view of every track, un-augmented
         if not clip.ok:
-            return clip if not twin else dataclasses.replace(clip, label=1, index=len(self.items) + i)
+            return self.failed(key, clip.message)
         tracks = [clip.views[0], *(v[0] for v in clip.track_views)]
         if twin:
             if self.pseudo is None or clip.label != 0:
@@ -199,7 +205,7 @@ class ClipBatch:
         return len(self.key)
 
     def pin_memory(self) -> ClipBatch:
-        """Called by the DataLoader (``pin_memory=True``) so the copy to the GPU can run asynchronously."""
+        """Called by the decode supervisor (``pin_memory=True``) so the copy to the GPU can run asynchronously."""
         return ClipBatch(self.frames.pin_memory(), self.valid.pin_memory(), self.label, self.index, self.ok,
                          self.key, self.message)
 

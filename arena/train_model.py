@@ -19,6 +19,7 @@ from arena.clips import ClipDataset
 from arena.errors import ModelsError, TrainError
 from arena.faces.modes import crop_provenance
 from arena.faces.stage import FaceCropper
+from arena.isolation import load
 from arena.model import Detector, DetectorHead, FrameEncoder, create_encoder
 from arena.models_folder import BEST_HEAD_FILE, HeadCheckpoint
 from arena.runtime import autocast, precision_name
@@ -119,7 +120,7 @@ def calibrate_head_stats(model: Detector, items: list, *, frames: int, device: t
     feats = []
     try:
         for i in range(len(ds)):
-            clip = ds[i]
+            clip = load(ds, i)  # whatever one video raises is its failure: left out like an undecodable one
             if not clip.ok:
                 continue
             with autocast(device, precision_name(amp_dtype)):

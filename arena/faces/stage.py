@@ -256,7 +256,7 @@ class FaceCropper:
 
         Each video's detection frames are decoded at full resolution (and nothing else), and the detector runs on
         them exactly as `crop` would: the crops are the same bytes whichever did it. Videos already known are
-        skipped. Detection runs in ``workers`` DataLoader processes (as `arena.clips.make_loader` decodes; by
+        skipped. Detection runs in ``workers`` DataLoader processes (not yet isolated as `arena.clips.iter_clips`; by
         ``spawn`` for a CUDA detector), in this process when 0.
 
         Args:
