@@ -431,11 +431,11 @@ class _Pool:
         if w.base_mb is None and now - w.created > self.limits.seconds:
             w.kill(f"decode worker did not start within {self.limits.seconds:g} s ({TIMEOUT_ENV})")
             return w.reason
-        if w.task is not None:
-            if now - w.task[2] > self.limits.seconds:
-                w.kill(f"timed out after {self.limits.seconds:g} s (the per-video limit, {TIMEOUT_ENV})")
-                return w.reason
+        if w.task is not None:  # memory first: a worker over both limits (a late poll) ran out of memory
             if w.base_mb is not None and _rss_mb(w.process.pid) - w.base_mb > self.limits.memory_mb:
                 w.kill(f"exceeded the memory limit of {self.limits.memory_mb} MB ({MEMORY_ENV})")
+                return w.reason
+            if now - w.task[2] > self.limits.seconds:
+                w.kill(f"timed out after {self.limits.seconds:g} s (the per-video limit, {TIMEOUT_ENV})")
                 return w.reason
         return None
