@@ -13,7 +13,8 @@ video at a time, so it knows which video each worker holds:
 * any exception while loading a video is that video's failure, with the exception's type and message, in a worker
   and in the in-process path (``workers=0``) alike. Crashes and hangs need workers: in-process they end the run.
 
-The memory read is the resident set from ``/proc/PID/statm`` (33 us a read; no limit where there is no ``/proc``).
+The memory read is the resident anonymous memory from ``/proc/PID/statm`` (resident less shared/file-backed pages,
+33 us a read; no limit where there is no ``/proc``).
 ``RLIMIT_AS`` counts address space, which torch, glibc's per-thread arenas and FFmpeg's threads reserve by the
 gigabyte without using, and an allocation refused inside FFmpeg or torch surfaces as anything from a ``MemoryError``
 to an abort; private memory from ``smaps_rollup`` is exact but costs 16 ms a read. A worker hands freed heap back
@@ -226,10 +227,14 @@ def _libc() -> ctypes.CDLL | None:
 
 
 def _rss_mb(pid: int) -> float:
-    """Resident set size of ``pid`` in MB (0 where ``/proc`` cannot tell)."""
+    """Resident anonymous memory of ``pid`` in MB: statm's resident less its file-backed and shared part (0 where
+    ``/proc`` cannot tell). File pages (torch's and FFmpeg's libraries, mapped files) come and go with the page
+    cache, so a worker's total resident size can fall while it allocates; its anonymous memory only grows by what
+    it allocates."""
     try:
         with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * _PAGE / 2**20
+            fields = f.read().split()
+        return (int(fields[1]) - int(fields[2])) * _PAGE / 2**20
     except (OSError, ValueError, IndexError):
         return 0.0
 

@@ -62,7 +62,7 @@ def test_features_records_the_faulty_video_and_completes_the_rest(world, tmp_pat
     res = cli(args, f"{kind}:{TRAIN_VIDEO}")
     assert res.exit_code == 3, res.output
     key = f"train/real/{TRAIN_VIDEO}"
-    assert f"failed {key}: {REASONS[kind]}" in res.output
+    assert f"failed {key}: {REASONS[kind]}" in res.output, res.output[-600:]
     with FeatureCache.open(cache) as c:
         assert c.failures() == {key: REASONS[kind]}
         assert len(c.keys) == 7  # every other video of the 4 train + 4 test is done
