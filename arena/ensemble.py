@@ -308,6 +308,8 @@ def predict_members(
     keep_features: Sequence[str] = (),
     progress: bool = True,
     desc: str = "predict",
+    decoder: str = "cpu",
+    views_on: str = "cpu",
 ) -> EnsembleRun:
     """Every member's prediction of every item, and the ensemble's (`combine_predictions`), sharing decodes and
     backbone passes (`decode_groups`, `encoder_groups`).
@@ -317,6 +319,8 @@ def predict_members(
         members: from `member_sources` + `arena.predict.load_model`.
         combine: ``prob`` or ``logit`` (`mean_probability`).
         keep_features: names of the members whose features are kept (verification of a fine-tuned member).
+        decoder, views_on: how every member's videos are decoded and where the TTA views are made
+            (`arena.predict.decoded_clips`).
     """
     if combine not in COMBINE_MODES:
         raise OptionError(f"Invalid ensemble mode ({combine}). Supported values are {', '.join(COMBINE_MODES)}.")
@@ -325,13 +329,14 @@ def predict_members(
     dev, items = torch.device(device) if isinstance(device, str) else device, list(items)
     by_member: dict[str, list[VideoPrediction]] = {m.name: [] for m in members}
     groups = decode_groups(members)
+    decoding = {"decoder": decoder, "views_on": views_on}
     plans = [[(g, Predictor([m.model for m in g], device=dev, frame_batch=frame_batch, precision=precision,
-                            keep_features=[m.name in keep_features for m in g])) for g in encoder_groups(group)]
-             for group in groups]
+                            keep_features=[m.name in keep_features for m in g], **decoding))
+              for g in encoder_groups(group)] for group in groups]
     t0 = time.perf_counter()
     bar = tqdm(total=len(items) * len(groups), desc=desc, unit="video", dynamic_ncols=True, disable=not progress)
     for group, plan in zip(groups, plans, strict=True):
-        for item, clip in decoded_clips(items, group[0].model, device=dev, workers=workers):
+        for item, clip in decoded_clips(items, group[0].model, device=dev, workers=workers, **decoding):
             for g, predictor in plan:
                 for m, pred in zip(g, predictor(clip, item), strict=True):
                     by_member[m.name].append(pred)

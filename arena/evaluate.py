@@ -140,6 +140,8 @@ def evaluate(
     max_faces: int | None = None,
     calibration: bool = True,
     echo: Callable[[str], None] | None = None,
+    decoder: str = "cpu",
+    views_on: str = "cpu",
 ) -> dict[str, Any]:
     """Metrics with and without TTA on the validation split or a labelled folder; writes ``evaluation.json``.
 
@@ -162,6 +164,7 @@ def evaluate(
         crop, max_faces: the crop mode check and the face tracks scored per video (`arena.predict.load_model`).
         calibration: apply each model's temperature (False: T = 1; "before" and "after" are then equal).
         echo: where an ensemble's member lines go (None: silent).
+        decoder, views_on: how the videos are decoded and where the TTA views are made (`arena.clips.ClipDataset`).
 
     Raises:
         OptionError: neither a split nor labels, ``attention`` keys that are not evaluated, or fold members mixed
@@ -194,7 +197,7 @@ def evaluate(
     for line in [] if single or echo is None else describe(members, ensemble, device=dev):
         echo(line)
     opts = dict(combine=ensemble, device=dev, workers=workers, frame_batch=frame_batch, precision=precision,
-                progress=progress, desc="evaluate")
+                progress=progress, desc="evaluate", decoder=decoder, views_on=views_on)
     if owner is None:
         run = predict_members(items, members, **opts)
         preds, by_member, seconds = run.predictions, run.by_member, run.seconds

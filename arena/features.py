@@ -46,17 +46,17 @@ from arena.faces.modes import crop_provenance, face_cropper
 from arena.faces.stage import FaceCropConfig
 from arena.isolation import describe
 from arena.model import DEFAULT_BACKBONE, FrameEncoder, create_encoder
+from arena.nvdec import use_nvdec
 from arena.pseudo import CachePseudoFakes, blend_clip, face_box
 from arena.runtime import resolve_device
 from arena.sampling import FRAME_CHOICES, sampling_spec
 from arena.tta import VARIANTS, tta_spec, tta_views
+from arena.tta_tensor import tensor_views
 from arena.video import DEFAULT_RESIZE
 
 #: The resize the decoder applies with either backend (`arena.video.resize_frames` or torchcodec's Resize); which
 #: implementation ran is the decoder's ``resize`` setting. The backbone's nominal (timm) interpolation is not used.
 APPLIED_INTERPOLATION = "bilinear-antialias"
-#: Where the cache decodes: NVDEC pixels may differ from FFmpeg's CPU decode, so this is part of the provenance.
-DECODE_DEVICE = "cpu"
 
 
 @dataclass
@@ -110,11 +110,26 @@ class RunSummary:
                    processes=sum(s.processes for s in summaries))
 
 
+def decoder_provenance(decoder: str = "cpu", views_on: str = "cpu") -> dict:
+    """The provenance's ``decoder`` field: what decoded the pixels (``cpu``, or ``nvdec`` -- ``auto`` recorded as
+    what it picks here) and, only when the views were made on the model's device (`arena.tta_tensor`),
+    ``views_on: device``. NVDEC's pixels and the tensor views may differ slightly from the CPU's, so a cache built
+    one way is not resumed another way; a cache built the default way records exactly what it always did."""
+    spec = {"device": "nvdec" if use_nvdec(decoder) else "cpu", "resize": DEFAULT_RESIZE}
+    return spec | ({"views_on": "device"} if views_on == "device" else {})
+
+
+def built_with(prov: Provenance) -> tuple[str, str]:
+    """``(decoder, views_on)`` that decode as the cache ``prov`` describes was built (`decoder_provenance`'s
+    inverse): what `arena submit --verify` re-decodes with."""
+    return ("nvdec" if prov.decoder.get("device") == "nvdec" else "cpu"), str(prov.decoder.get("views_on", "cpu"))
+
+
 def provenance_for(encoder: FrameEncoder, *, variants: Sequence[str], frame_counts: Sequence[int],
                    crop: FaceCropConfig | None = None, pseudo: CachePseudoFakes | None = None,
-                   seed: int = 0) -> Provenance:
+                   seed: int = 0, decoder: str = "cpu", views_on: str = "cpu") -> Provenance:
     """The cache provenance that describes features made by ``encoder`` with these options (``seed``: the
-    pseudo-fakes' seed, recorded with them)."""
+    pseudo-fakes' seed, recorded with them; ``decoder``, ``views_on``: `decoder_provenance`)."""
     return Provenance(
         backbone=encoder.name,
         weights_source=encoder.weights_source,
@@ -123,7 +138,7 @@ def provenance_for(encoder: FrameEncoder, *, variants: Sequence[str], frame_coun
         mean=tuple(float(x) for x in encoder.mean.flatten().tolist()),
         std=tuple(float(x) for x in encoder.std.flatten().tolist()),
         interpolation=APPLIED_INTERPOLATION,
-        decoder={"device": DECODE_DEVICE, "resize": DEFAULT_RESIZE},
+        decoder=decoder_provenance(decoder, views_on),
         tta=tta_spec(),
         variants=tuple(variants),
         sampling=sampling_spec(),
@@ -154,6 +169,8 @@ def extract_features(
     precision: str = "auto",
     crop: FaceCropConfig | None = None,
     pseudo: CachePseudoFakes | None = None,
+    decoder: str = "cpu",
+    views_on: str = "cpu",
 ) -> RunSummary:
     """Build (or resume) the feature cache for every train and test video of ``data``.
 
@@ -177,6 +194,9 @@ def extract_features(
             detector runs in the decoding workers on the CPU, or batched on the GPU when ``device`` is CUDA.
         pseudo: also cache K self-blended copies of every labelled real (seeded by ``seed``, the key and the
             copy); a video whose copies are missing is decoded again, one that failed gets none.
+        decoder: ``cpu``, ``nvdec`` or ``auto`` (`arena.nvdec`); recorded in the provenance as what decoded.
+        views_on: ``cpu`` (albumentations in the decoding workers) or ``device`` (`arena.tta_tensor` on ``device``);
+            ``device`` is recorded in the provenance. A cache is resumed only with the settings it was built with.
 
     Returns:
         The run summary; the cache is complete when ``summary.failed`` is empty. Videos and CSV rows the data
@@ -191,7 +211,7 @@ def extract_features(
                            pretrained=pretrained, weights=weights, image_size=image_size, seed=seed, dev=dev,
                            workers=workers, frame_batch=frame_batch, limit=limit,
                            shard=(dist.rank, dist.world) if dist.enabled else shard, precision=precision, crop=crop,
-                           pseudo=pseudo, dist=dist)
+                           pseudo=pseudo, dist=dist, decoder=decoder, views_on=views_on)
         if not dist.enabled:
             return summary
         summaries = gather(summary, dist)
@@ -208,7 +228,8 @@ def extract_features(
 def _extract(*, data: str | Path, cache: Path, frame_counts: Sequence[int], tta: bool, backbone: str | None,
              pretrained: bool, weights: str | None, image_size: int | None, seed: int, dev: torch.device,
              workers: int, frame_batch: int, limit: int | None, shard: tuple[int, int] | None, precision: str,
-             crop: FaceCropConfig | None, pseudo: CachePseudoFakes | None, dist: Dist) -> RunSummary:
+             crop: FaceCropConfig | None, pseudo: CachePseudoFakes | None, dist: Dist, decoder: str,
+             views_on: str) -> RunSummary:
     """`extract_features` of one process (one shard under torchrun, which also skips what ``cache`` and other
     runs' shard files hold)."""
     dataset = load_dataset(data)
@@ -217,7 +238,8 @@ def _extract(*, data: str | Path, cache: Path, frame_counts: Sequence[int], tta:
     )
     encoder = encoder.to(dev).eval().to(memory_format=torch.channels_last)
     variants = VARIANTS if tta else VARIANTS[:1]
-    prov = provenance_for(encoder, variants=variants, frame_counts=frame_counts, crop=crop, pseudo=pseudo, seed=seed)
+    prov = provenance_for(encoder, variants=variants, frame_counts=frame_counts, crop=crop, pseudo=pseudo, seed=seed,
+                          decoder=decoder, views_on=views_on)
 
     items = list(dataset.train) + list(dataset.test)
     if shard is not None:
@@ -241,12 +263,13 @@ def _extract(*, data: str | Path, cache: Path, frame_counts: Sequence[int], tta:
         if limit is not None:
             todo = todo[:limit]
         clips = ClipDataset(todo, size=prov.input_size, variants=variants, frame_counts=frame_counts,
-                            decode_device=DECODE_DEVICE, faces=face_cropper(crop, dev))
+                            faces=face_cropper(crop, dev), decoder=decoder, views_on=views_on)
+        make_views = tensor_views if views_on == "device" else tta_views  # the pseudo-fakes' views, made alike
         margin = None if crop is None else crop.margin
         encode = dict(encoder=encoder, device=dev, frame_batch=frame_batch, precision=precision)
         bar = tqdm(total=len(todo), desc="features" + (f" (rank 0 of {dist.world})" if dist.enabled else ""),
                    unit="video", dynamic_ncols=True, disable=not dist.main)
-        for clip in iter_clips(clips, workers=workers):
+        for clip in iter_clips(clips, workers=workers, device=dev if views_on == "device" else None):
             stored: list[tuple[str, int | None, np.ndarray]] = []
             if clip.views is not None:
                 try:  # everything of one video before anything is written: it is stored whole or failed
@@ -256,7 +279,7 @@ def _extract(*, data: str | Path, cache: Path, frame_counts: Sequence[int], tta:
                         frames = blend_clip(clip.views[variants.index("original")], pseudo.rng(seed, clip.key, i),
                                             box=face_box(prov.input_size, margin, clip.faces_found),
                                             config=pseudo.config)
-                        stored.append((key, 1, _encode(tta_views(frames, variants), **encode)))
+                        stored.append((key, 1, _encode(make_views(frames, variants), **encode)))
                 except Exception as exc:  # noqa: BLE001 - a damaged frame, a NaN feature: this video's failure
                     clip = replace(clip, views=None, status="failed", message=describe(exc))
             if clip.views is None:

@@ -447,8 +447,8 @@ class Predictor:
     the crop, so a clip costs one backbone pass however many heads read its features.
     """
 
-    def __init__(self, models: Sequence[LoadedModel], *, device: torch.device, frame_batch: int,
-                 precision: Precision, keep_features: Sequence[bool]) -> None:
+    def __init__(self, models: Sequence[LoadedModel], *, device: torch.device, frame_batch: int, precision: Precision,
+                 keep_features: Sequence[bool], decoder: str = "cpu", views_on: str = "cpu") -> None:
         # Options no video could run with are the user's fault, not one video's failure: refused here.
         if frame_batch < 1:
             raise OptionError(f"--frame-batch must be >= 1, got {frame_batch}.")
@@ -456,7 +456,7 @@ class Predictor:
         self.models, self.device, self.frame_batch, self.precision = list(models), device, frame_batch, precision
         self.model = self.models[0]
         self.keep_features = list(keep_features)
-        self.frames_encoded = 0
+        self.frames_encoded, self.decoding = 0, {"decoder": decoder, "views_on": views_on}  # decoding: as the run's
         self.faces = face_cropper(self.model.crop, device, max_faces=self.model.max_faces)  # 16-frame fallback
 
     def _compute(self, views: torch.Tensor, valid: np.ndarray) -> tuple[list[tuple[np.ndarray, ...]], np.ndarray]:
@@ -474,8 +474,9 @@ class Predictor:
         return out, feats.numpy()
 
     def _decode(self, item: Any, frames: int, variants: Sequence[str]) -> ClipViews:
-        return ClipDataset([item], size=self.model.encoder.input_size, variants=variants, frames=frames,
-                           faces=self.faces)[0]
+        ds = ClipDataset([item], size=self.model.encoder.input_size, variants=variants, frames=frames,
+                         faces=self.faces, **self.decoding)
+        return next(iter_clips(ds, workers=0, device=self.device if ds.views_on == "device" else None))
 
     def __call__(self, clip: ClipViews, item: Any) -> list[VideoPrediction]:
         k = self.model.frames
@@ -553,28 +554,29 @@ def predict_items(
     keep_features: bool = False,
     progress: bool = True,
     desc: str = "predict",
+    decoder: str = "cpu",
+    views_on: str = "cpu",
 ) -> PredictRun:
     """Predict every item (``key``, ``path``, ``label``) in order; decoding runs ``workers`` videos ahead.
 
     Args:
-        items: the videos (``arena.data.VideoItem``).
-        model: from `load_model`.
+        items: the videos (``arena.data.VideoItem``). model: from `load_model`.
         device: where the model runs (the model's device).
         workers: decoding processes running ahead of the model (0: decode in this process).
         frame_batch: frames per backbone forward pass (all views of a video are flattened into these).
         precision: autocast policy of `arena.runtime` (``auto``, ``fp32``, ``bf16``, ``fp16``).
         keep_features: keep each video's float32 features (verification of a fine-tuned model).
-        progress: show a progress bar. desc: its label.
+        progress: show a progress bar. desc: its label. decoder, views_on: as `decoded_clips`.
 
     Never drops an item: failures come back as 0.5 rows with their error.
     """
     dev, items = torch.device(device) if isinstance(device, str) else device, list(items)
     predictor = Predictor([model], device=dev, frame_batch=frame_batch, precision=precision,
-                          keep_features=[keep_features])
+                          keep_features=[keep_features], decoder=decoder, views_on=views_on)
     preds: list[VideoPrediction] = []
     t0 = time.perf_counter()
     bar = tqdm(total=len(items), desc=desc, unit="video", dynamic_ncols=True, disable=not progress)
-    for item, clip in decoded_clips(items, model, device=dev, workers=workers):
+    for item, clip in decoded_clips(items, model, device=dev, workers=workers, decoder=decoder, views_on=views_on):
         preds.append(predictor(clip, item)[0])
         bar.update(1)
         bar.set_postfix(fallbacks=sum(p.fallback != "none" for p in preds))
@@ -582,15 +584,17 @@ def predict_items(
     return PredictRun(preds, time.perf_counter() - t0, predictor.frames_encoded)
 
 
-def decoded_clips(items: Sequence, model: LoadedModel, *, device: torch.device, workers: int
-                  ) -> Iterator[tuple[Any, ClipViews]]:
+def decoded_clips(items: Sequence, model: LoadedModel, *, device: torch.device, workers: int, decoder: str = "cpu",
+                  views_on: str = "cpu") -> Iterator[tuple[Any, ClipViews]]:
     """``(item, clip)`` in item order, decoded as ``model`` sees them (its frames, views, size and crop) by
-    ``workers`` processes running ahead."""
+    ``workers`` processes running ahead, with ``decoder``; ``views_on="device"``: the views made on ``device``."""
     if workers < 0:
         raise OptionError(f"--workers must be >= 0, got {workers}.")
     ds = ClipDataset(list(items), size=model.encoder.input_size, variants=model.variants, frames=model.frames,
-                     faces=face_cropper(model.crop, device, max_faces=model.max_faces))
-    for item, clip in zip(ds.items, iter_clips(ds, workers=workers), strict=True):
+                     faces=face_cropper(model.crop, device, max_faces=model.max_faces), decoder=decoder,
+                     views_on=views_on)
+    clips = iter_clips(ds, workers=workers, device=device if views_on == "device" else None)
+    for item, clip in zip(ds.items, clips, strict=True):
         if clip.key != item.key:  # the loader is ordered; anything else is a bug worth stopping for
             raise PredictError(f"decoder returned {clip.key} where {item.key} was expected")
         yield item, clip

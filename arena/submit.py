@@ -38,6 +38,7 @@ from arena.ensemble import (
     predict_members,
 )
 from arena.errors import OptionError, SubmissionError
+from arena.nvdec import use_nvdec
 from arena.predict import ModelKind, VideoPrediction, failed_prediction, load_model
 from arena.runtime import Precision, resolve_device
 from arena.verify import VerifyResult, verify_against_cache, verify_cache_for
@@ -308,6 +309,8 @@ def make_submission(
     max_faces: int | None = None,
     calibration: bool = True,
     clip: float | None = None,
+    decoder: str = "cpu",
+    views_on: str = "cpu",
 ) -> SubmitResult | None:
     """Predict every test video through the full-video path, verify, validate and write the submission.
 
@@ -342,6 +345,8 @@ def make_submission(
         calibration: apply each model's temperature (`arena.calibration`); False: T = 1.
         clip: write P(fake) clipped to ``[clip, 1 - clip]`` (log-loss leaderboards: one confident mistake then
             costs at most ``-log(clip)``); None: unclipped. Applied after verification, which compares raw values.
+        decoder, views_on: how the test videos are decoded and where the TTA views are made
+            (`arena.clips.ClipDataset`). ``verify`` re-decodes as its cache was built, whatever these say.
 
     Raises:
         SubmissionError: nothing to submit, every video failed, verification or validation failed.
@@ -365,6 +370,9 @@ def make_submission(
                    for s in member_sources(models, checkpoints, kind=kind, echo=say)]
         for line in describe(members, ensemble, device=dev):
             say(line)
+        if (decoder, views_on) != ("cpu", "cpu"):
+            say(f"decoder: {'nvdec' if use_nvdec(decoder) else 'cpu'} (--decoder {decoder}); TTA views made on the "
+                f"{'device' if views_on == 'device' else 'CPU'}")
         caches = as_paths(verify)
         # Fail fast, before the whole test set is predicted.
         verify_with = {m.name: _verify_cache(m, caches, len(members)) for m in members} if caches else {}
@@ -372,6 +380,7 @@ def make_submission(
         items = [item_by_key[r.key] for r in rows if r.key is not None]
         run = _predict_share(items, members, dist, combine=ensemble, device=dev, workers=workers,
                              frame_batch=frame_batch, precision=precision, progress=progress, desc="submit",
+                             decoder=decoder, views_on=views_on,
                              keep_features=[m.name for m in members if caches and m.model.kind == "finetuned"])
     if run is None:
         return None  # another rank than 0: its share is with rank 0, which writes the submission
@@ -406,7 +415,7 @@ def make_submission(
         cache, who = verify_with[m.name], "" if len(members) == 1 else f"member {m.name}: "
         vres = verify_against_cache(m.model, cache, run.by_member[m.name], items=items, sample=verify_sample,
                                     seed=seed, device=dev, frame_batch=frame_batch, precision=precision,
-                                    reference=reference)
+                                    reference=reference, decoded=(decoder, views_on))
         verifies[m.name] = vres
         for line in vres.lines:
             say(who + line)

@@ -24,10 +24,12 @@ import numpy as np
 import torch
 
 from arena.cache import FeatureCache
-from arena.clips import ClipDataset, encode_views
+from arena.clips import ClipDataset, encode_views, iter_clips
 from arena.errors import CacheError, OptionError, SubmissionError
 from arena.faces import modes as crop_modes
 from arena.faces.modes import face_cropper
+from arena.features import built_with, decoder_provenance
+from arena.nvdec import unavailable
 from arena.predict import LoadedModel, VideoPrediction, head_probabilities, recreate_encoder
 from arena.runtime import Precision, resolve_device
 
@@ -116,6 +118,13 @@ def open_verify_cache(model: LoadedModel, cache_path: str | Path) -> FeatureCach
             f"Cannot verify against {cache_path}: it was built with crop {crop_modes.describe(prov.crop)}, the model "
             f"uses {crop_modes.describe(model.crop)}. Pass a cache built with the model's crop settings."
         )
+    nvdec_missing = unavailable() if built_with(prov)[0] == "nvdec" else None
+    if model.kind == "finetuned" and nvdec_missing:  # its check decodes the sample again, as the cache was
+        raise SubmissionError(
+            f"Cannot verify against {cache_path}: it was decoded with NVDEC, and verifying a fine-tuned model "
+            f"decodes videos again the same way, but NVDEC cannot be used here ({nvdec_missing}). Verify on a "
+            "machine with NVDEC, or against a cache built with --decoder cpu."
+        )
     if model.kind == "head-only" and model.encoder.weights_hash() != prov.weights_hash:
         raise SubmissionError(
             f"Cannot verify against {cache_path}: the submission encoder's weights hash "
@@ -183,6 +192,7 @@ def verify_against_cache(
     precision: Precision = "auto",
     tolerance: float = VERIFY_TOLERANCE,
     reference: dict | None = None,
+    decoded: tuple[str, str] = ("cpu", "cpu"),
 ) -> VerifyResult:
     """Compare the full path's predictions with the cache path on a sample of the test videos.
 
@@ -194,6 +204,9 @@ def verify_against_cache(
         tolerance: largest allowed |p_fake difference|.
         reference: a dict the caller keeps across members: the fine-tuned check's cache-encoder half, computed once
             per cache, frame count, variants and sample.
+        decoded: ``(decoder, views_on)`` of the full path; when the cache was built otherwise, a line says so (the
+            tolerance is the same: NVDEC's pixels and the tensor views are meant to be that close). The fine-tuned
+            check decodes the sample again as the cache was built (its provenance), whatever this says.
 
     Videos where the full path failed or used a fallback (other frames or variants) are skipped with the reason.
     """
@@ -233,6 +246,9 @@ def verify_against_cache(
             f"verify (same weights {prov.weights_hash[:12]}): p_fake from cached features vs full path on "
             f"{len(keys)} videos: max |diff| = {max_diff:.2e} (tolerance {tolerance:.0e})"
         )
+        if decoder_provenance(*decoded) != prov.decoder:
+            lines.append(f"verify: the full path decoded with {decoder_provenance(*decoded)}, the cache was built "
+                         f"with {prov.decoder}")
     else:
         memo, memo_key = reference if reference is not None else {}, (str(cache_path), k, variants, tuple(keys))
         if memo_key not in memo:
@@ -286,11 +302,12 @@ def _cache_encoder_check(cache: FeatureCache, items: Sequence[Any], k: int, vari
     (relative max |feature difference|, crop box difference), or why it was not compared."""
     prov = cache.provenance
     enc = recreate_encoder(prov, device=device)
+    decoder, views_on = built_with(prov)  # the frames the cache saw, not those the submission was asked to decode
     ds = ClipDataset(items, size=tuple(prov.input_size), variants=variants, frames=k,
-                     faces=face_cropper(prov.crop, device))
+                     faces=face_cropper(prov.crop, device), decoder=decoder, views_on=views_on)
     out: dict[str, tuple[float, float] | str] = {}
-    for i, item in enumerate(items):
-        clip = ds[i]
+    clips = iter_clips(ds, workers=0, device=device if views_on == "device" else None)
+    for item, clip in zip(items, clips, strict=True):
         if clip.views is None:
             out[item.key] = f"decode failed now: {clip.message}"
             continue

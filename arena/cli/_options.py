@@ -182,7 +182,8 @@ def decoder_option(default: str = "cpu"):
                              "PyNvVideoCodec, pip install 'arena[gpu]'; refused without CUDA) or auto (nvdec where it "
                              "loads, else cpu). Files NVDEC cannot decode (rotated, 10-bit, 4:2:2/4:4:4, unsupported "
                              "codec) are decoded on the CPU with a note. NVDEC's pixels may differ slightly from "
-                             "FFmpeg's.")
+                             "FFmpeg's, so cpu is the default: reproducible, the pixels of every cache built so far; "
+                             "on a GPU machine opt in with auto.")
 
 
 def views_on_option(default: str = "cpu"):
@@ -190,4 +191,5 @@ def views_on_option(default: str = "cpu"):
     return click.option("--views-on", type=click.Choice(["cpu", "device"]), default=default, show_default=True,
                         help="Where the test-time views are made: cpu (albumentations in the decoding workers) or "
                              "device (torch on the model's device, arena.tta_tensor: equal to cpu within 1 level on "
-                             "the shift-scale-rotate view, bit for bit on the others).")
+                             "the shift-scale-rotate view, bit for bit on the others; spares the CPU on a GPU "
+                             "machine). cpu is the default: byte-identical caches.")

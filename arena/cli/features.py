@@ -10,11 +10,13 @@ from arena.cli._options import (
     backbone_options,
     cache_pseudo_option,
     crop_options,
+    decoder_option,
     device_option,
     face_config,
     frame_batch_option,
     parse_frame_counts,
     parse_shard,
+    views_on_option,
     workers_option,
 )
 
@@ -96,6 +98,8 @@ def cache_merge(out: str, shards: tuple[str, ...]) -> None:
 @backbone_options
 @crop_options
 @device_option
+@decoder_option()
+@views_on_option()
 @workers_option
 @frame_batch_option
 @click.option("--limit", type=click.IntRange(1), default=None, help="Process at most N more videos (quick runs).")
@@ -106,11 +110,13 @@ def cache_merge(out: str, shards: tuple[str, ...]) -> None:
                    "natively, else fp32), or always fp32.")
 @cache_pseudo_option
 def features_cmd(data, cache, models, frames, tta, backbone, pretrained, weights, image_size, seed, crop,
-                 face_detector, face_margin, detect_size, detect_frames, max_faces, device, workers, frame_batch,
-                 limit, shard, amp, pseudo_fakes):
+                 face_detector, face_margin, detect_size, detect_frames, max_faces, device, decoder, views_on, workers,
+                 frame_batch, limit, shard, amp, pseudo_fakes):
     """Decode every video once, run TTA + backbone, and store per-frame features in an HDF5 cache (resumable).
 
     The cache does not depend on the train/validation split: it serves every split and fold unchanged.
+    Its provenance records the decoder that ran (--decoder auto as what it picked) and --views-on device; a cache
+    is resumed only with the settings it was built with.
 
     Under torchrun each process takes its share of the videos (no --shard) on GPU LOCAL_RANK (or the CPU), writes
     it to its shard file (resumable), and rank 0 merges the shards into --cache (the same bytes one process writes)
@@ -125,7 +131,7 @@ def features_cmd(data, cache, models, frames, tta, backbone, pretrained, weights
         device=device, workers=workers, frame_batch=frame_batch, limit=limit, shard=shard,
         precision="auto" if amp else "fp32",
         crop=face_config(crop, face_detector, face_margin, detect_size, detect_frames, max_faces),
-        pseudo=pseudo_fakes,
+        pseudo=pseudo_fakes, decoder=decoder, views_on=views_on,
     )
     if not launched().main:
         return  # rank 0 reports the whole run (and exits 3 if some videos failed)

@@ -9,7 +9,14 @@ import click
 
 from arena.cli._config import RUNS_DIR, long_command
 from arena.cli._main import main
-from arena.cli._options import device_option, frame_batch_option, model_crop_options, workers_option
+from arena.cli._options import (
+    decoder_option,
+    device_option,
+    frame_batch_option,
+    model_crop_options,
+    views_on_option,
+    workers_option,
+)
 from arena.limits import MAX_FRAMES
 
 _MODEL_KINDS = ["auto", "finetuned", "head-only"]
@@ -21,8 +28,8 @@ def _precision(amp: bool) -> str:
 
 
 def _model_options(f):
-    """--models, --checkpoint, --ensemble, --model, --frames, --crop, --max-faces, --device, --workers,
-    --frame-batch, --amp, --no-calibration: which models, and how the full-video path runs."""
+    """--models, --checkpoint, --ensemble, --model, --frames, --crop, --max-faces, --device, --decoder, --views-on,
+    --workers, --frame-batch, --amp, --no-calibration: which models, and how the full-video path runs."""
     f = click.option("--calibration/--no-calibration", default=True, show_default=True,
                      help="Divide the logits by the temperature stored with the model (fitted on validation "
                           "predictions); --no-calibration: T = 1.")(f)
@@ -31,6 +38,8 @@ def _model_options(f):
                           "AVX512-BF16/AMX, else float32); --no-amp: always float32.")(f)
     f = frame_batch_option(f)
     f = workers_option(f)
+    f = views_on_option()(f)
+    f = decoder_option()(f)
     f = device_option(f)
     f = model_crop_options(f)
     f = click.option("--frames", type=click.IntRange(1, MAX_FRAMES), default=None,
@@ -87,13 +96,15 @@ def _evaluate_runs(params: dict[str, Any]) -> Path | None:
               help="Write P(fake) clipped to [EPS, 1-EPS] (log-loss leaderboards) [default: no clipping].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (torch, verification sample).")
 def submit_cmd(data: str, out: str, models: tuple[str, ...], checkpoints: tuple[str, ...], ensemble: str, kind: str,
-               frames: int | None, crop: str | None, max_faces: int | None, device: str, workers: int,
-               frame_batch: int, amp: bool, calibration: bool, tta: bool, verify: tuple[str, ...],
-               verify_sample: int, verify_all: bool, clip: float | None, seed: int) -> None:
+               frames: int | None, crop: str | None, max_faces: int | None, device: str, decoder: str,
+               views_on: str, workers: int, frame_batch: int, amp: bool, calibration: bool, tta: bool,
+               verify: tuple[str, ...], verify_sample: int, verify_all: bool, clip: float | None, seed: int) -> None:
     """Predict every test video (decode -> 5 TTA views -> backbone -> head), validate and write the CSV.
 
     Exit status: 0 complete; 3 complete and valid, but some rows are 0.5 because their video could not be
     predicted (listed in predictions_detail.csv); 1 nothing written (the previous CSV is untouched).
+
+    --verify decodes as the cache was built (its provenance), whatever --decoder and --views-on say.
 
     Under torchrun each process loads the models and predicts its share of the test videos on GPU LOCAL_RANK (or
     the CPU); rank 0 writes the same CSV one process writes, verifies and reports (its exit status is the one
@@ -105,7 +116,8 @@ def submit_cmd(data: str, out: str, models: tuple[str, ...], checkpoints: tuple[
                              kind=kind, frames=frames, tta=tta, device=device, workers=workers,
                              frame_batch=frame_batch, precision=_precision(amp), verify=verify,
                              verify_sample=None if verify_all else verify_sample, seed=seed, echo=click.echo,
-                             crop=crop, max_faces=max_faces, calibration=calibration, clip=clip)
+                             crop=crop, max_faces=max_faces, calibration=calibration, clip=clip, decoder=decoder,
+                             views_on=views_on)
     if result is None:
         return  # under torchrun, a rank other than 0: rank 0 writes, reports and sets the exit status
     failed = [p for p in result.predictions if p.status == "failed"]
@@ -132,8 +144,8 @@ def submit_cmd(data: str, out: str, models: tuple[str, ...], checkpoints: tuple[
 @click.option("--seed", type=int, default=0, show_default=True)
 def evaluate_cmd(data: str, split: str, labels: str | None, out: str | None, attention: tuple[str, ...],
                  attention_first: int, models: tuple[str, ...], checkpoints: tuple[str, ...], ensemble: str,
-                 kind: str, frames: int | None, crop: str | None, max_faces: int | None, device: str, workers: int,
-                 frame_batch: int, amp: bool, calibration: bool, seed: int) -> None:
+                 kind: str, frames: int | None, crop: str | None, max_faces: int | None, device: str, decoder: str,
+                 views_on: str, workers: int, frame_batch: int, amp: bool, calibration: bool, seed: int) -> None:
     """AUC, log loss, accuracy, F1 and confusion with and without TTA; log loss, Brier score and calibration error
     before and after calibration (reliability.png beside the JSON); attention report for chosen videos.
 
@@ -154,7 +166,7 @@ def evaluate_cmd(data: str, split: str, labels: str | None, out: str | None, att
                       labels=labels, out=out, attention=attention, attention_first=attention_first, kind=kind,
                       frames=frames, device=device, workers=workers, frame_batch=frame_batch,
                       precision=_precision(amp), seed=seed, crop=crop, max_faces=max_faces, calibration=calibration,
-                      echo=click.echo)
+                      echo=click.echo, decoder=decoder, views_on=views_on)
     for line in metrics_lines(result):
         click.echo(line)
     if result["failed"]:
