@@ -285,3 +285,16 @@ def test_mtcnn_crops_from_prepared_detections_are_the_crops_crop_makes():
     assert expected.found and torch.equal(expected.crops, got.crops)
     np.testing.assert_array_equal(expected.boxes, got.boxes)
     assert (expected.message, expected.num_tracks) == (got.message, got.num_tracks)
+
+
+def test_prepare_isolates_each_video_a_crashed_worker_costs_only_its_video(monkeypatch):
+    paths = _shared("real_aniportrait_may_pose_ref.mp4", "fake_musetalk_musev_sun.mp4")
+    config = FaceCropConfig(detect_frames=4, detect_size=160)
+    monkeypatch.setenv("ARENA_FAULT_INJECT", f"crash:{paths[0].name}")
+    cropper = FaceCropper(config, detector=BlobDetector())
+    assert cropper.prepare(paths, workers=2) == {str(paths[0]): "decoder crashed (signal 11, SIGSEGV)"}
+    assert cropper.detections(paths[0]) is None  # unknown: crop detects on it itself (and fails there, isolated too)
+    monkeypatch.delenv("ARENA_FAULT_INJECT")
+    clean = FaceCropper(config, detector=BlobDetector())
+    assert clean.prepare(paths[1:], workers=0) == {}
+    assert np.array_equal(cropper.detections(paths[1]).boxes, clean.detections(paths[1]).boxes)

@@ -21,12 +21,14 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from arena.errors import OptionError, VideoDecodeError
 from arena.faces.crop import crop_boxes, cut_boxes, detection_scale, letterbox
 from arena.faces.detect import FaceDetector, detector_info, make_detector
 from arena.faces.track import link_tracks, select_faces
+from arena.faults import before_decode
+from arena.isolation import isolated
 from arena.sampling import uniform_indices
 from arena.video import decode_selected, resize_frames
 
@@ -256,8 +258,9 @@ class FaceCropper:
 
         Each video's detection frames are decoded at full resolution (and nothing else), and the detector runs on
         them exactly as `crop` would: the crops are the same bytes whichever did it. Videos already known are
-        skipped. Detection runs in ``workers`` DataLoader processes (not yet isolated as `arena.clips.iter_clips`; by
-        ``spawn`` for a CUDA detector), in this process when 0.
+        skipped. Detection runs in ``workers`` supervised processes (`arena.isolation`: a worker that crashes, hangs
+        or runs out of memory costs only its video, which is then listed as failed; by ``spawn`` for a CUDA
+        detector), in this process when 0 (where any exception of one video is still that video's failure).
 
         Args:
             paths: video files; they are known by ``str(path)`` afterwards.
@@ -276,12 +279,9 @@ class FaceCropper:
             self.detector  # noqa: B018 - build it here, so the helper below shares it instead of building its own
         helper = copy.copy(self)
         helper._known = _DetectionTable()  # the workers need the detector, not what is known already
-        loader = DataLoader(
-            _DetectionFrames(helper, todo, num_threads=num_threads, decode_device=decode_device),
-            batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
-            prefetch_factor=2 if workers > 0 else None, persistent_workers=False,
-            multiprocessing_context="spawn" if workers > 0 and self.device.startswith("cuda") else None,
-        )
+        loader = isolated(_DetectionFrames(helper, todo, num_threads=num_threads, decode_device=decode_device),
+                          range(len(todo)), workers=workers,
+                          start_method="spawn" if workers > 0 and self.device.startswith("cuda") else None)
         found, failed = {}, {}
         for path, dets, message in loader:
             if dets is None:
@@ -370,18 +370,19 @@ class _DetectionFrames(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def failed(self, i: int, message: str) -> tuple[str, None, str]:
+        """What stands for video ``i`` when its worker crashed, hung or ran out of memory, or loading it raised."""
+        return self.paths[i], None, message
+
     def __getitem__(self, i: int) -> tuple[str, VideoDetections | None, str]:
         path = self.paths[i]
+        before_decode(path)  # the fault switch (`arena.faults`): armed in decode workers only
         try:
             clip = decode_selected(path, self.cropper.detection_indices, size=None, device=self.decode_device,
                                    num_threads=self.num_threads)
         except VideoDecodeError as exc:
             return path, None, str(exc)
         return path, self.cropper.detect(clip.frames.cpu(), clip.num_source_frames), ""
-
-
-def _identity(x):
-    return x
 
 
 def _check_inputs(frames, indices, want, size) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
