@@ -7,7 +7,8 @@ video at a time, so it knows which video each worker holds:
 * a worker that dies (a signal, an exit) costs only its video, which comes back failed with the reason
   ("decoder crashed (signal 11, SIGSEGV)"), and a fresh worker takes over;
 * one video may take at most ``seconds`` (`arena.limits.VIDEO_SECONDS`, ``ARENA_VIDEO_TIMEOUT``) and a worker may
-  grow by at most ``memory_mb`` over its resident size at start (``ARENA_WORKER_MEMORY_MB``); the supervisor checks
+  grow by at most ``memory_mb`` over its idle resident size (``ARENA_WORKER_MEMORY_MB``; measured at start and after
+  each video, once the heap is trimmed); the supervisor checks
   both every 0.1 s, also while the main thread is busy on the GPU, and kills the worker with its process group
   (FFmpeg children included) when one is crossed;
 * any exception while loading a video is that video's failure, with the exception's type and message, in a worker
@@ -199,6 +200,8 @@ def _worker(conn, dataset: Any, plan: dict[str, str], memory_mb: int, parent: in
         return
     torch.set_num_threads(1)
     faults.arm(plan, memory_mb)
+    if libc is not None:  # the parent's free heap, inherited by the fork, is no part of this worker's baseline
+        libc.malloc_trim(0)
     conn.send(("ready", _rss_mb(os.getpid())))
     while True:
         try:
@@ -215,6 +218,10 @@ def _worker(conn, dataset: Any, plan: dict[str, str], memory_mb: int, parent: in
         del result
         if libc is not None:
             libc.malloc_trim(0)
+        try:  # idle again: the baseline the next video's growth counts from
+            conn.send(("base", _rss_mb(os.getpid())))
+        except OSError:  # the main process is gone
+            return
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -260,7 +267,7 @@ class _Worker:
                                        daemon=True, name="arena-decode")
         self.process.start()
         child.close()
-        self.base_mb: float | None = None  # resident size at start; None until the worker says it is ready
+        self.base_mb: float | None = None  # idle resident size (at start, after each video); None until ready
         self.created = time.monotonic()
         self.task: tuple[int, Any, float] | None = None
         self.reason = ""
@@ -419,7 +426,7 @@ class _Pool:
         try:
             if w.conn.poll():
                 kind, value = w.conn.recv()
-                if kind == "ready":
+                if kind in ("ready", "base"):  # at start, and after each video (heap trimmed): what growth counts from
                     w.base_mb = value
                 else:
                     done[w.task[0]] = value
