@@ -417,7 +417,7 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
                  time.perf_counter() - t_faces, len(undecodable))
 
     history: list[dict[str, Any]] = []
-    es = {"best": math.inf, "best_epoch": 0, "bad_epochs": 0}  # best: the monitored score, lower is better
+    es = {"best": [math.inf], "best_epoch": 0, "bad_epochs": 0}  # best: the monitored score, lower is better
     start_epoch, elapsed_before, resumed_from, stop_reason = 1, 0.0, 0, ""
     if last is not None:
         model.load_state_dict(last["model_state_dict"])
@@ -425,7 +425,7 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
         scheduler.load_state_dict(last["scheduler_state_dict"])
         scaler.load_state_dict(last["scaler_state_dict"])
         history, es = list(last["history"]), dict(last["early_stopping"])
-        es.setdefault("best", es.pop("best_val_loss", math.inf))  # last.pt files from before --monitor
+        es.setdefault("best", [es.pop("best_val_loss", math.inf)])  # last.pt files from before --monitor
         start_epoch = int(last["epoch"]) + 1
         resumed_from = int(last["epoch"])
         elapsed_before = float(last["elapsed_seconds"])
@@ -499,15 +499,15 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
             raise _thermal_stop(exc, cfg, done=epoch - 1, main=dist.main) from None
         lrs = [g["lr"] for g in optimizer.param_groups]
         score = _monitored(va, cfg.monitor)
-        scheduler.step(score)
+        scheduler.step(score[0])
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "train_auc": tr["auc"],
                "val_loss": va["loss"], "val_acc": va["acc"], "val_auc": va["auc"], "val_f1": va["f1"],
                "val_prob_spread": va["prob_spread"], "lr": lrs[0], "head_lr": lrs[1],
                "train_seconds": round(tr["seconds"], 3), "frames": ctx.frames}
         history.append(row)
-        improved = score < es["best"]
+        improved = score < tuple(es["best"])
         if improved:
-            es = {"best": score, "best_epoch": epoch, "bad_epochs": 0}
+            es = {"best": list(score), "best_epoch": epoch, "bad_epochs": 0}
             best_val = (va["y"], va["z"])
         else:
             es["bad_epochs"] += 1
@@ -563,12 +563,14 @@ def _train(cfg: TrainConfig, *, device: torch.device, dist: Dist, guard: GpuGuar
                        oom_events=list(ctx.oom_events), main=dist.main, fold=cfg.fold)
 
 
-def _monitored(va: dict[str, Any], monitor: str) -> float:
-    """The epoch's score for the best checkpoint, early stopping and the LR plateau, lower is better: the validation
-    loss, or minus the validation AUC (+inf when it is undefined: one class)."""
+def _monitored(va: dict[str, Any], monitor: str) -> tuple[float, ...]:
+    """The epoch's score for the best checkpoint and early stopping, lower is better (the LR plateau follows its
+    first number): the validation loss, or minus the validation AUC (+inf when undefined: one class) and then the
+    loss, which decides between epochs of equal AUC (an AUC of 1.000 is reached early and kept)."""
     if monitor == "auc":
-        return -float(va["auc"]) if va["auc"] is not None and math.isfinite(va["auc"]) else math.inf
-    return float(va["loss"])
+        auc = -float(va["auc"]) if va["auc"] is not None and math.isfinite(va["auc"]) else math.inf
+        return auc, float(va["loss"])
+    return (float(va["loss"]),)
 
 
 def _thermal_stop(exc: ThermalTimeout, cfg: TrainConfig, *, done: int, main: bool) -> ThermalTimeout:

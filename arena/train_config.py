@@ -65,7 +65,8 @@ class TrainConfig:
         monitor: what picks the best checkpoint and drives early stopping and the LR plateau: the validation
             ``loss`` (default), or its ``auc`` (ranking only: under ``--train-on real`` the model learns pseudo-fakes,
             and its probabilities for a validation set of real fakes rank them well long before they are
-            calibrated; the checkpoint's temperature is still fitted on the validation loss).
+            calibrated; epochs of equal AUC are told apart by the loss; the checkpoint's temperature is still
+            fitted on the validation loss).
         fold: train fold ``i`` of the K-fold split in ``models/split.json`` (train on the other folds, validate on
             fold i) into ``models/folds/fold_<i>``, starting from that folder's ``best_head.pt`` and frame test
             (else the parent's frame test); None: the split's train/validation parts, outputs in ``models``.

@@ -196,9 +196,10 @@ def test_monitor_auc_keeps_the_epoch_of_the_best_validation_auc_and_is_a_resume_
     result = train(_config(data, tmp_path, epochs=4, es_patience=4, lr=3e-3, pseudo_fakes="sbi", train_on="real",
                            monitor="auc"))
     history = [row["val_auc"] for row in result.history]
-    assert len(history) == 4 and result.best_epoch == 1 + int(np.argmax(history))  # the first of equal AUCs
     losses = [row["val_loss"] for row in result.history]
-    assert int(np.argmin(losses)) != int(np.argmax(history))  # here the loss would have kept another epoch
+    by_auc = min(range(4), key=lambda e: (-history[e], losses[e]))  # equal AUCs: the lower loss
+    assert len(history) == 4 and result.best_epoch == 1 + by_auc
+    assert int(np.argmin(losses)) != by_auc  # here the loss alone would have kept another epoch
     summary = json.loads(result.summary_path.read_text())
     assert summary["config"]["monitor"] == "auc" and summary["config"]["early_stopping"] == "val auc"
     assert torch.load(result.best_path, weights_only=True)["epoch"] == result.best_epoch
