@@ -33,6 +33,7 @@ failed at once later, not decoded (and waited for) again.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import math
@@ -293,6 +294,21 @@ class _Worker:
         self.conn.close()
 
 
+_LIVE: set[_Pool] = set()  # pools whose supervisor thread runs
+
+
+@atexit.register
+def _stop_live_pools() -> None:
+    """At exit, stop the supervisors that an abandoned iterator left running (an exception out of the consuming
+    loop keeps the generator, and so its ``finally``, alive until the end). A daemon thread still inside torch's C++
+    code when the interpreter finalizes aborts the process ("terminate called without an active exception");
+    atexit runs while daemon threads still run, so they are stopped and joined here, and their workers closed."""
+    for pool in list(_LIVE):
+        pool.stop.set()
+        if pool.thread is not None:
+            pool.thread.join(timeout=10)
+
+
 class _Pool:
     """The supervisor: a thread that hands out keys, watches the clock and the memory, reports workers that die,
     and queues the results in key order for `results`. Workers are started by the consuming (main) thread, between
@@ -309,12 +325,14 @@ class _Pool:
         self.lock = threading.Lock()
         self.wanted = workers  # workers the supervisor needs (under ``lock``)
         self.started: list[_Worker] = []  # started by the main thread, not yet taken by the supervisor
+        self.thread: threading.Thread | None = None  # the supervisor, once `results` started it
         self.wake_r, self.wake_w = os.pipe()  # the consumer took a batch: room to hand out more keys
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
 
     def results(self) -> Iterator:
-        thread = threading.Thread(target=self._run, name="arena-decode-supervisor", daemon=True)
+        thread = self.thread = threading.Thread(target=self._run, name="arena-decode-supervisor", daemon=True)
+        _LIVE.add(self)
         thread.start()
         try:
             while True:
@@ -333,6 +351,7 @@ class _Pool:
         finally:
             self.stop.set()
             thread.join()
+            _LIVE.discard(self)
             for w in self.started:
                 w.close(graceful=False)
             os.close(self.wake_r)
