@@ -351,11 +351,11 @@ def _save_cv(params: HeadParams, store: HeadDataStore, models: Path, config: Hea
 # ------------------------------------------------------------------------------------------------ command
 
 
-def _pseudo_used(store: HeadDataStore, record: dict[str, Any] | None, cv: bool) -> dict[str, Any] | None:
-    """The summary's ``pseudo_fakes``: how the cache made them and how many trained the heads (None: not used)."""
+def _pseudo_used(store: HeadDataStore, record: dict[str, Any] | None, cv: bool, k: int) -> dict[str, Any] | None:
+    """The summary's ``pseudo_fakes``: how the cache made them and how many trained the heads (None: not used);
+    ``k``: a frame count the study loaded already (the count does not depend on it)."""
     if not record:
         return None
-    k = store.frame_counts[0]
     return {**record, "items_used": int(store.get_folds(k).pseudo if cv else store.get(k).pseudo)}
 
 
@@ -427,6 +427,6 @@ def tune_head(cache_path: str | os.PathLike, data_root: str | os.PathLike, model
         "storage": redact_url(url), "target_trials": n_trials, "seed": seed, "cache": str(cache_path),
         "split_sha256": split.sha256, "frame_choices": list(frame_choices), "this_run_seconds": elapsed,
         "objective": OOF_OBJECTIVE if cv else HOLDOUT_OBJECTIVE, "folds": split.folds if cv else 1,
-        "pseudo_fakes": _pseudo_used(store, pseudo_record, cv)})
+        "pseudo_fakes": _pseudo_used(store, pseudo_record, cv, frame_choices[0])})
     summary["reached_target"] = sum(summary["states"].get(s, 0) for s in ("COMPLETE", "PRUNED")) >= n_trials
     return summary
