@@ -134,6 +134,42 @@ class Objective:
         return value
 
 
+#: ``--pruner``: how a study stops unpromising trials from the loss they report after every epoch (epoch indices
+#: 0, 1, ...). ``auto`` is ``halving`` for an out-of-fold (K-fold) study and ``median`` for a holdout one.
+PRUNERS = ("auto", "median", "halving", "none")
+
+
+def resolve_pruner(name: str, cv: bool) -> str:
+    """The pruner ``auto`` stands for: successive halving when a trial trains K heads, the median rule otherwise.
+
+    Measured with ``tools/bench_tune.py --folds 5 --pruner`` (see the README): a K-fold epoch costs about K holdout
+    epochs, and the median rule lets every trial run 3 epochs and every trial that keeps up with the median run until
+    early stopping, so most of a K-fold study's time goes to trials that end nowhere near the best.
+    """
+    if name not in PRUNERS:
+        raise OptionError(f"--pruner {name!r}: choose one of {', '.join(PRUNERS)}.")
+    return ("halving" if cv else "median") if name == "auto" else name
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    """The Optuna pruner of a resolved ``--pruner`` name.
+
+    * ``median``: `optuna.pruners.MedianPruner` (5 start-up trials, no pruning before epoch 2): a trial stops when
+      its loss is worse than the median of earlier trials at the same epoch.
+    * ``halving``: `optuna.pruners.SuccessiveHalvingPruner` (asynchronous successive halving): rungs after epochs
+      2, 4, 10 and 28 (steps 1, 3, 9, 27); a trial goes past a rung only when its loss there is in the best third of
+      the trials that reached it.
+    * ``none``: every trial runs until early stopping.
+    """
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3, min_early_stopping_rate=0)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise OptionError(f"pruner {name!r} is not one of {', '.join(PRUNERS[1:])}.")
+
+
 def trial_sampler(seed: int, finished: int, running: int, n_startup: int) -> optuna.samplers.TPESampler:
     """The sampler of the next trial, seeded from the study's progress: a resumed study draws what an
     uninterrupted one would."""
@@ -165,11 +201,14 @@ def open_study(storage: BaseStorage, study_name: str, *, context: dict[str, Any]
 def run_study(store: HeadDataStore, *, storage: BaseStorage, study_name: str = "head", n_trials: int = 50,
               timeout: float | None = None, seed: int = 0, frame_choices: Sequence[int] | None = None,
               config: HeadTrainConfig = HeadTrainConfig(), context: dict[str, Any] | None = None,
-              n_startup_trials: int = 10, progress: bool = True, cv: bool = False) -> optuna.Study:
+              n_startup_trials: int = 10, progress: bool = True, cv: bool = False,
+              pruner: str = "auto") -> optuna.Study:
     """Run trials until the study holds ``n_trials`` finished (complete or pruned) trials or ``timeout`` passes.
 
     ``cv``: score trials by the out-of-fold log loss over the store's K folds (its context then names the
     objective and the folds; a holdout study's context stays what it always was, so old studies resume).
+    ``pruner``: one of :data:`PRUNERS` (`resolve_pruner`); part of the context unless it is ``median`` (the rule
+    every study used before the option existed), so a study never continues under another pruning rule.
 
     Returns:
         the ``optuna.Study``.
@@ -186,12 +225,15 @@ def run_study(store: HeadDataStore, *, storage: BaseStorage, study_name: str = "
                "seed": seed, "search_space": json.loads(json.dumps(SEARCH_SPACE)), **(context or {})}
         if cv:
             ctx.update(objective=OOF_OBJECTIVE, folds=store.folds)
+        pruner = resolve_pruner(pruner, cv)
+        if pruner != "median":
+            ctx["pruner"] = pruner
         study = open_study(storage, study_name, context=ctx)
         recover_stale_trials(study)
         if not study.trials:
             study.enqueue_trial({**SEED_DEFAULTS, "frames": objective.frame_choices[0]},
                                 user_attrs={"seed_defaults": True})
-        study.pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+        study.pruner = make_pruner(pruner)
         deadline = time.monotonic() + timeout if timeout else None
         done = finished_trials(study)
         with tqdm(total=n_trials, initial=min(done, n_trials), desc=f"tune {study_name}", unit="trial",
@@ -371,7 +413,7 @@ def tune_head(cache_path: str | os.PathLike, data_root: str | os.PathLike, model
               study_name: str | None = None, seed: int = 0, frames: Sequence[int] | None = None,
               epochs: int = 30, patience: int = 4, batch_size: int = 64, device: str = "auto",
               progress: bool = True, crop: str | None = None, cv: bool | None = None,
-              pseudo: bool = True) -> dict[str, Any]:
+              pseudo: bool = True, pruner: str = "auto") -> dict[str, Any]:
     """``arena tune-head``: run/resume the study until ``n_trials`` finished trials, then write the outputs.
 
     Args:
@@ -386,6 +428,7 @@ def tune_head(cache_path: str | os.PathLike, data_root: str | os.PathLike, model
             whenever the split has K > 1 folds); False: the holdout objective on fold 0's train/validation parts.
         pseudo: train the heads on the cache's pseudo-fake items (``arena features --pseudo-fakes``) of their
             training videos too, when the cache has any; they are never validated on.
+        pruner: one of :data:`PRUNERS`; ``auto``: successive halving for a CV study, the median rule otherwise.
 
     Raises:
         OptionError: ``cv=True`` on a split of one fold.
@@ -418,15 +461,16 @@ def tune_head(cache_path: str | os.PathLike, data_root: str | os.PathLike, model
         context["crop"] = cache_crop
     if pseudo_record:  # as the crop: studies without pseudo-fakes keep their context
         context["pseudo_fakes"] = pseudo_record
+    pruner = resolve_pruner(pruner, cv)
     started = time.monotonic()
     study = run_study(store, storage=create_storage(url), study_name=study_name, n_trials=n_trials,
                       timeout=timeout, seed=seed, frame_choices=frame_choices, config=config, context=context,
-                      progress=progress, cv=cv)
+                      progress=progress, cv=cv, pruner=pruner)
     elapsed = time.monotonic() - started
     summary = finalize_study(study, store, models, config=config, cv=cv, extra={
         "storage": redact_url(url), "target_trials": n_trials, "seed": seed, "cache": str(cache_path),
         "split_sha256": split.sha256, "frame_choices": list(frame_choices), "this_run_seconds": elapsed,
-        "objective": OOF_OBJECTIVE if cv else HOLDOUT_OBJECTIVE, "folds": split.folds if cv else 1,
+        "objective": OOF_OBJECTIVE if cv else HOLDOUT_OBJECTIVE, "folds": split.folds if cv else 1, "pruner": pruner,
         "pseudo_fakes": _pseudo_used(store, pseudo_record, cv, frame_choices[0])})
     summary["reached_target"] = sum(summary["states"].get(s, 0) for s in ("COMPLETE", "PRUNED")) >= n_trials
     return summary

@@ -58,6 +58,24 @@ def test_bench_all_tiny_tune_step_runs(tmp_path):
     assert (tmp_path / "summary_tiny.md").read_text().count("|") > 10
 
 
+def test_bench_tune_folds_compares_pruners_against_the_single_split(tmp_path):
+    out = tmp_path / "tune.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_tune.py"), "--videos", "60", "--dim", "32",
+                           "--frames", "4", "--source-frames", "20", "--epochs", "4", "--trials", "4",
+                           "--single-trials", "3", "--folds", "3", "--pruners", "auto,median", "--compare", "1",
+                           "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["trials"] == 3
+    rows = doc["folds"]["studies"]
+    assert [r["pruner"] for r in rows] == ["halving", "median"] and all(r["trials"] == 4 for r in rows)
+    single_200 = 200 * doc["cpu_seconds_per_trial"]
+    for r in rows:  # the ratio is the K-fold study's CPU time over 200 single-split trials' of the same run
+        assert r["ratio_to_200_single_cpu"] == pytest.approx(r["hundred_trials_cpu_s"] / single_200)
+    assert "halving (auto)" in proc.stdout and "/ 200 single" in proc.stdout
+    assert set(doc["folds"]["side_by_side"]["cpu_s"]) == {"single", "batched", "sequential"}
+
+
 def test_gpu_check_script_parses_and_cpu_steps_run(tmp_path):
     if shutil.which("bash"):
         subprocess.run(["bash", "-n", str(ROOT / "tools" / "gpu_check.sh")], check=True)

@@ -34,7 +34,7 @@ from arena.models_folder import (
     fold_dirs,
     resolve_frames,
 )
-from arena.study import default_study_name, run_study
+from arena.study import default_study_name, make_pruner, resolve_pruner, run_study
 from arena.study_storage import create_storage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,6 +151,44 @@ def test_cv_and_holdout_studies_are_never_mixed(cv_store, store, tmp_path):
     assert default_study_name("ab" * 32, 3) == "head-abababab-cv3"
     with pytest.raises(OptionError, match="cross-validation needs a K-fold split"):
         store.get_folds(6)
+
+
+def test_pruner_defaults_to_halving_on_folds_and_is_part_of_the_study(cv_store, store, tmp_path):
+    assert resolve_pruner("auto", cv=True) == "halving" and resolve_pruner("auto", cv=False) == "median"
+    with pytest.raises(OptionError, match="--pruner 'fast'"):
+        resolve_pruner("fast", cv=True)
+    url = f"journal:{tmp_path / 'j.log'}"
+    kw = {"n_trials": 1, "frame_choices": (6,), "config": FAST, "progress": False}
+    cv_study = run_study(cv_store, storage=create_storage(url), study_name="s", cv=True, **kw)
+    assert cv_study.user_attrs["context"]["pruner"] == "halving"
+    assert isinstance(cv_study.pruner, optuna.pruners.SuccessiveHalvingPruner)
+    with pytest.raises(StudyError, match="pruner: study has 'halving', now None"):  # median: the old rule, no key
+        run_study(cv_store, storage=create_storage(url), study_name="s", cv=True, pruner="median", **kw)
+    holdout = run_study(store, storage=create_storage(url), study_name="h", pruner="none", **kw)
+    assert holdout.user_attrs["context"]["pruner"] == "none" and isinstance(holdout.pruner, optuna.pruners.NopPruner)
+
+
+def test_halving_stops_all_but_the_best_third_after_two_epochs():
+    """The rungs `make_pruner("halving")` sets: a trial's loss after epoch index 1 must be in the best third of the
+    trials that got there, then again after index 3; the median rule lets every trial run 3 epochs."""
+    def curves(pruner):
+        study = optuna.create_study(pruner=pruner, sampler=optuna.samplers.RandomSampler(seed=0))
+
+        def objective(trial):
+            quality = [0.9, 0.5, 0.7, 0.8, 0.6, 0.3, 0.95, 0.4, 0.85][trial.number]
+            for epoch in range(8):
+                trial.report(quality + 1.0 / (epoch + 1), epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+            return quality
+
+        study.optimize(objective, n_trials=9)
+        return [len(t.intermediate_values) for t in study.trials]
+
+    # After index 1, trials 0, 1 and 5 were the best of those there when they got there (under 6 trials only the best
+    # goes on), and 7 was second of 8 (8 // 3 = 2 go on); after index 3, 7 was not the best of the 4 there.
+    assert curves(make_pruner("halving")) == [8, 8, 2, 2, 2, 8, 2, 4, 2]
+    assert min(curves(make_pruner("median"))) == 3 and curves(make_pruner("none")) == [8] * 9
 
 
 def _tune(setup, models, *extra):

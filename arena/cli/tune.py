@@ -59,8 +59,12 @@ def _tune_threads(threads: int | None) -> None:
 @click.option("--pseudo-fakes/--no-pseudo-fakes", default=True, show_default=True,
               help="Train the heads on the cache's pseudo-fake items (`arena features --pseudo-fakes`) of their "
                    "training videos too, when it has any (never validated on; the study is named ...-sbi).")
+@click.option("--pruner", type=click.Choice(["auto", "median", "halving", "none"]), default="auto", show_default=True,
+              help="How unpromising trials stop early: median (worse than the median of earlier trials at the same "
+                   "epoch, from epoch 2), halving (successive halving: only the best third goes past epochs 2, 4, "
+                   "10, 28), none; auto = halving for an out-of-fold study, median for a holdout one.")
 def tune_head_cmd(cache, data, models, n_trials, timeout, storage, study_name, seed, frames, epochs, patience,
-                  batch_size, device, threads, crop, cv, pseudo_fakes):
+                  batch_size, device, threads, crop, cv, pseudo_fakes, pruner):
     """Optuna search over the attention head on cached features; objective: validation log loss (out-of-fold on a
     K-fold split)."""
     from arena.models_folder import (
@@ -77,14 +81,14 @@ def tune_head_cmd(cache, data, models, n_trials, timeout, storage, study_name, s
     try:
         s = tune_head(cache, data, models, n_trials=n_trials, timeout=timeout, storage=storage, study_name=study_name,
                       seed=seed, frames=frames, epochs=epochs, patience=patience, batch_size=batch_size, device=device,
-                      crop=crop, cv=cv, pseudo=pseudo_fakes)
+                      crop=crop, cv=cv, pseudo=pseudo_fakes, pruner=pruner)
     except KeyboardInterrupt:
         click.echo("interrupted: finished trials are kept in the study and the interrupted one is queued again; "
                    "run the same command to continue.", err=True)
         raise SystemExit(130) from None
     states = ", ".join(f"{n} {k.lower()}" for k, n in sorted(s["states"].items()))
-    click.echo(f"study {s['study_name']!r} ({s['storage']}): {s['n_trials']} trials ({states}); "
-               f"this run {s['this_run_seconds']:.1f} s")
+    click.echo(f"study {s['study_name']!r} ({s['storage']}): {s['n_trials']} trials ({states}, pruner "
+               f"{s['pruner']}); this run {s['this_run_seconds']:.1f} s")
     if s.get("best_trial"):
         b = s["best_trial"]
         a = {k: b["user_attrs"].get(k, float("nan")) for k in ("auc", "accuracy", "f1")}
