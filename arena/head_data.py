@@ -360,9 +360,12 @@ class HeadDataStore:
 
     def __init__(self, loader: Callable[[int], HeadData], frame_counts: Sequence[int], *,
                  device: torch.device | str = "cpu", provenance: dict[str, Any] | None = None,
-                 fold_loader: Callable[[int], FoldData] | None = None, folds: int = 1) -> None:
+                 fold_loader: Callable[[int], FoldData] | None = None, folds: int = 1,
+                 views_loader: Callable[[int, list[str]], tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]]
+                 | None = None) -> None:
         self._loader = loader
         self._fold_loader = fold_loader
+        self._views_loader = views_loader
         self.frame_counts = tuple(int(k) for k in frame_counts)
         self.folds = int(folds) if fold_loader is not None else 1
         self.device = torch.device(device)
@@ -387,10 +390,14 @@ class HeadDataStore:
         def folds(k: int) -> FoldData:
             return load_fold_data(cache, split, k, val_variants=val_variants, pseudo=pseudo)
 
+        def views(k: int, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+            variants = _cache_variants(cache, k, ())
+            return (*_batch(cache, keys, k, variants), variants)
+
         return cls(lambda k: load_head_data(cache, split.train, split.val, k, val_variants=val_variants,
                                             pseudo=pseudo),
                    cache.provenance.frame_counts, device=device, provenance=cache.provenance.to_dict(),
-                   fold_loader=folds if split.folds > 1 else None, folds=split.folds)
+                   fold_loader=folds if split.folds > 1 else None, folds=split.folds, views_loader=views)
 
     def check_frames(self, frames: Sequence[int]) -> tuple[int, ...]:
         """``frames`` as a tuple when every count is available, else `OptionError` naming ``--frames``."""
@@ -406,6 +413,16 @@ class HeadDataStore:
         if frames not in self._data:
             self._data[frames] = self._loader(frames).to(self.device)
         return self._data[frames]
+
+    def val_in_every_view(self, frames: int) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+        """The holdout's validation videos (``get(frames)``'s, in its order) in every TTA view the cache holds --
+        what ``submit`` averages, so the temperature is fitted on it: ``(x [M, V, K, d], mask [M, K], variant
+        names)`` on the store's device. A store without a cache (`from_arrays`) gives its validation views."""
+        data = self.get(frames)
+        if self._views_loader is None or not data.val_keys:
+            return data.val_x, data.val_mask, tuple(data.variants[:data.val_x.shape[1]])
+        x, mask, variants = self._views_loader(frames, list(data.val_keys))
+        return x.to(self.device), mask.to(self.device), variants
 
     def get_folds(self, frames: int) -> FoldData:
         """Every fold's data for ``frames`` frames per video (loaded on first use).

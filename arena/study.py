@@ -370,12 +370,13 @@ def _save_holdout(params: HeadParams, store: HeadDataStore, models: Path, config
     result = train_head(params, data, config=config)
     ckpt = HeadCheckpoint(config=result.head_config, state_dict=result.state_dict, frames=data.frames,
                           params=params.to_dict(), metrics=result.metrics, provenance=store.provenance)
-    head = ckpt.build().to(data.val_x.device)
-    with torch.no_grad():  # logit differences [M, W] on raw features, 256 videos at a time
-        z = torch.cat([torch.stack([head(data.val_x[i:i + 256, w], data.val_mask[i:i + 256])[0].float()
-                                    .diff(dim=-1)[:, 0] for w in range(data.val_x.shape[1])], dim=1)
-                       for i in range(0, data.val_x.shape[0], 256)])
-    ckpt.calibration = fit_calibration(z.double().cpu().numpy(), data.val_y.cpu().numpy())
+    # The temperature is fitted on the TTA mean over every view the cache holds, what the submission averages.
+    x, mask, views = store.val_in_every_view(params.frames)
+    head = ckpt.build().to(x.device)
+    with torch.no_grad():  # logit differences [M, V] on raw features, 256 videos at a time
+        z = torch.cat([torch.stack([head(x[i:i + 256, w], mask[i:i + 256])[0].float().diff(dim=-1)[:, 0]
+                                    for w in range(x.shape[1])], dim=1) for i in range(0, x.shape[0], 256)])
+    ckpt.calibration = {**fit_calibration(z.double().cpu().numpy(), data.val_y.cpu().numpy()), "views": list(views)}
     ckpt.save(models / BEST_HEAD_FILE)
     return {"retrained": {"val_loss": result.val_loss, "metrics": result.metrics, "calibration": ckpt.calibration},
             "skipped_videos": data.skipped}

@@ -4,12 +4,17 @@ out of fold, the out-of-fold predictions and their metrics.
 * ``<models>/folds/fold_<i>/best_head.pt`` (`arena.models_folder.fold_dir`): fold i's head at its best epoch, as a
   `HeadCheckpoint` whose ``metrics`` are its own fold's, with ``fold`` and ``folds``; ``train-full --fold i`` starts
   from it, ``submit``/``evaluate`` average the fold heads (`arena.ensemble`).
-* One temperature for all K heads, fitted on the concatenated out-of-fold logit differences per TTA view (every
-  video scored by the head that did not train on it, so no head's own training videos flatter it), stored in every
-  fold head with ``fitted_on="out-of-fold"``.
-* ``<models>/oof_predictions.csv``: key, label, fold, p_fake (uncalibrated), p_fake_calibrated.
-* The OOF metrics, returned for ``study_summary.json``: AUC, log loss and ECE before and after the temperature,
-  and every fold's AUC and log loss.
+* One temperature for all K heads, fitted on the out-of-fold logit differences in every TTA view of the cache
+  (every video scored by the head that did not train on it, so no head's own training videos flatter it), stored
+  in every fold head with ``fitted_on="out-of-fold"`` and the ``views``. The submission averages the views' P(fake),
+  which is softer than one view's, so the temperature is fitted on that mean: fitted on the original view alone it
+  sharpened or softened a quantity the submission never outputs (measured on the demo's recipe dataset,
+  README: "Calibration").
+* ``<models>/oof_predictions.csv``: key, label, fold, p_fake (uncalibrated), p_fake_calibrated, both the TTA mean
+  (what ``submit`` would write for the video).
+* The OOF metrics, returned for ``study_summary.json``: AUC, log loss and ECE of the TTA mean before and after the
+  temperature (``objective_log_loss``: the study's objective, on the validation views), and every fold's AUC and
+  log loss.
 
 The parent folder gets no ``best_head.pt`` of its own: a K-fold models folder without a model is the fold ensemble
 for ``submit``/``evaluate``. A parent head left there by an earlier holdout study is removed, since those commands
@@ -41,16 +46,19 @@ OOF_COLUMNS = ("key", "label", "fold", "p_fake", "p_fake_calibrated")
 
 
 @torch.no_grad()
-def fold_logits(ckpt: HeadCheckpoint, data: FoldData, fold: int) -> np.ndarray:
-    """Logit differences ``[M, W]`` of fold ``fold``'s videos by its head, per validation view, in float32 on raw
-    features (the submission path), 256 videos at a time."""
+def fold_logits(ckpt: HeadCheckpoint, data: FoldData, fold: int,
+                views: tuple[int, ...] | None = None) -> np.ndarray:
+    """Logit differences ``[M, W]`` of fold ``fold``'s videos by its head, per view (``views``: indices along
+    ``data.x``'s ``V``; None: every TTA view, what the submission averages), in float32 on raw features (the
+    submission path), 256 videos at a time."""
     head = ckpt.build().to(data.x.device)
     rows = data.val_rows(fold).to(data.x.device)
+    views = tuple(range(len(data.variants))) if views is None else views
     out = []
     for start in range(0, rows.shape[0], 256):
         idx = rows[start:start + 256]
         out.append(torch.stack([head(data.x[idx, v], data.mask[idx])[0].float().diff(dim=-1)[:, 0]
-                                for v in data.val_views], dim=1))
+                                for v in views], dim=1))
     return torch.cat(out).double().cpu().numpy()
 
 
@@ -69,7 +77,7 @@ def write_fold_outputs(result: FoldsResult, data: FoldData, models: Path, *,
                        provenance: dict[str, Any]) -> dict[str, Any]:
     """Write every fold's ``best_head.pt``, the OOF temperature and ``oof_predictions.csv``; return the OOF metrics
     (the ``cv`` section of ``study_summary.json``)."""
-    ckpts, z = [], np.empty((data.videos, len(data.val_views)))
+    ckpts, z = [], np.empty((data.videos, len(data.variants)))
     for i, fold in enumerate(result.folds):
         ckpts.append(HeadCheckpoint(config=fold.head_config, state_dict=fold.state_dict, frames=data.frames,
                                     params=result.params.to_dict(), provenance=provenance,
@@ -77,7 +85,7 @@ def write_fold_outputs(result: FoldsResult, data: FoldData, models: Path, *,
                                              "oof_log_loss": result.value}))
         z[data.val_rows(i).numpy()] = fold_logits(ckpts[-1], data, i)
     y = data.y[:data.videos].cpu().numpy()
-    calibration = fit_calibration(z, y, fitted_on="out-of-fold")
+    calibration = {**fit_calibration(z, y, fitted_on="out-of-fold"), "views": list(data.variants)}
     p, p_cal = apply_temperature(z, 1.0), apply_temperature(z, calibration["temperature"])
     paths = []
     for i, ckpt in enumerate(ckpts):
@@ -93,6 +101,7 @@ def write_fold_outputs(result: FoldsResult, data: FoldData, models: Path, *,
     return {
         "folds": data.folds,
         "oof": {"n": oof["n"], "auc": oof["auc"], "accuracy": oof["accuracy"], "f1": oof["f1"],
+                "views": list(data.variants), "objective_log_loss": result.value,
                 "log_loss": calibration["log_loss_before"], "log_loss_calibrated": calibration["log_loss_after"],
                 "ece": expected_calibration_error(y, p), "ece_calibrated": expected_calibration_error(y, p_cal)},
         "per_fold": [{"fold": i, "n": r.metrics["n"], "auc": r.metrics["auc"], "log_loss": r.val_loss,

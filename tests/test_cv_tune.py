@@ -214,7 +214,11 @@ def test_cli_split_folds_then_tune_head_writes_the_fold_ensemble(cv_setup, tmp_p
     cv = summary["cv"]
     assert [f["fold"] for f in cv["per_fold"]] == [0, 1, 2] and cv["oof"]["auc"] >= 0.95
     assert cv["calibration"]["fitted_on"] == "out-of-fold" and cv["oof"]["ece_calibrated"] >= 0
-    assert cv["oof"]["log_loss"] == pytest.approx(summary["best_value"], abs=1e-5)
+    assert cv["oof"]["objective_log_loss"] == pytest.approx(summary["best_value"], abs=1e-5)
+    # The temperature is fitted on the TTA mean of every cached view, what submit averages; so are the OOF metrics.
+    variants = list(FeatureCache.open(cv_setup["cache"]).provenance.variants)
+    assert sorted(cv["calibration"]["views"]) == sorted(variants) and cv["oof"]["views"] == cv["calibration"]["views"]
+    assert cv["oof"]["log_loss"] == pytest.approx(cv["calibration"]["log_loss_before"])
     assert [p.name for p in fold_dirs(models)] == ["fold_0", "fold_1", "fold_2"]
     rows = list(csv.DictReader((models / OOF_FILE).open()))
     assert len(rows) == cv["oof"]["n"] == 79  # every video but the one whose features failed
@@ -227,9 +231,10 @@ def test_cli_split_folds_then_tune_head_writes_the_fold_ensemble(cv_setup, tmp_p
         assert ckpt.calibration == cv["calibration"]  # one temperature for every member
         mine = [r for r in rows if int(r["fold"]) == i]  # what fold i's head says of its own fold's videos
         assert len(mine) == ckpt.metrics["n"]
-        x, mask = cache.batch([r["key"] for r in mine], ckpt.frames, ["original"])
+        x, mask = cache.batch([r["key"] for r in mine], ckpt.frames, ckpt.calibration["views"])
         with torch.no_grad():
-            z = ckpt.build()(torch.from_numpy(x[:, 0]), torch.from_numpy(mask))[0].diff(dim=-1)[:, 0].double().numpy()
+            z = torch.stack([ckpt.build()(torch.from_numpy(x[:, v]), torch.from_numpy(mask))[0].diff(dim=-1)[:, 0]
+                             for v in range(x.shape[1])], dim=1).double().numpy()  # [videos, views]
         np.testing.assert_allclose([float(r["p_fake"]) for r in mine], apply_temperature(z, 1.0), atol=1e-6)
         np.testing.assert_allclose([float(r["p_fake_calibrated"]) for r in mine],
                                    apply_temperature(z, temperature), atol=1e-6)

@@ -18,6 +18,8 @@ from _head_world import FAST, FRAMES, copy_split
 from click.testing import CliRunner
 
 import arena.study as study_mod
+from arena.cache import FeatureCache
+from arena.calibration import fit_calibration
 from arena.cli import main
 from arena.data import load_dataset
 from arena.errors import OptionError, StudyError
@@ -94,6 +96,19 @@ def test_tune_head_end_to_end_then_a_new_split_reuses_the_cache(setup, tmp_path)
     assert ckpt.provenance["backbone"] == "test_vit" and ckpt.frames == params["frames"]
     assert ckpt.config["attn_dim"] == params["attn_dim"] and ckpt.params == {k: params[k] for k in ckpt.params}
     assert ckpt.metrics["log_loss"] == pytest.approx(s["best_value"])
+    # The temperature is fitted on the validation videos' TTA mean over every cached view (what submit averages).
+    with FeatureCache.open(setup["cache"]) as cache:
+        variants = list(cache.provenance.variants)
+        val = [it.key for it in setup["split"].val if it.key != setup["failed"]]
+        x, mask = cache.batch(val, ckpt.frames, variants)
+    assert sorted(ckpt.calibration["views"]) == sorted(variants) and len(variants) > 1
+    with torch.no_grad():
+        z = torch.stack([ckpt.build()(torch.from_numpy(x[:, v]), torch.from_numpy(mask))[0].diff(dim=-1)[:, 0]
+                         for v in range(len(variants))], dim=1).double().numpy()
+    y = [it.label for it in setup["split"].val if it.key in val]
+    expected = fit_calibration(z, y)
+    assert ckpt.calibration["temperature"] == pytest.approx(expected["temperature"], rel=1e-3)
+    assert ckpt.calibration["log_loss_before"] == pytest.approx(expected["log_loss_before"], rel=1e-4)
     summary = json.loads((models / STUDY_SUMMARY_FILE).read_text())
     assert summary["best_value"] == pytest.approx(s["best_value"])
     assert (models / OPTUNA_DB).is_file() and (models / "optuna_history.png").is_file()

@@ -28,13 +28,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import expit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from arena import metrics  # noqa: E402
 from arena.cache import FeatureCache  # noqa: E402
-from arena.calibration import apply_temperature, expected_calibration_error, temperature_of  # noqa: E402
+from arena.calibration import (  # noqa: E402
+    apply_temperature,
+    expected_calibration_error,
+    probs_to_logits,
+    temperature_of,
+)
 from arena.data import load_dataset  # noqa: E402
 from arena.evaluate import labelled_items  # noqa: E402
 from arena.models_folder import BEST_HEAD_FILE, HeadCheckpoint, fold_dirs  # noqa: E402
@@ -97,6 +103,14 @@ def run(data: Path, cache_path: Path, work: Path, *, trials: int, folds: int, se
                            "log_loss_before": metrics.log_loss(y, p_ens0), "log_loss_after": metrics.log_loss(y, p_ens),
                            "ece_before": expected_calibration_error(y, p_ens0),
                            "ece_after": expected_calibration_error(y, p_ens)}
+            # `--ensemble logit`: the sigmoid of the mean of the members' (calibrated) logits
+            p_log = expit(np.mean([probs_to_logits(probs(z, t)) for z in zs], axis=0))
+            p_log0 = expit(np.mean([probs_to_logits(probs(z, 1.0)) for z in zs], axis=0))
+            row["test_logit"] = {"auc": metrics.summary(y, p_log)["auc"],
+                                 "log_loss_before": metrics.log_loss(y, p_log0),
+                                 "log_loss_after": metrics.log_loss(y, p_log),
+                                 "ece_before": expected_calibration_error(y, p_log0),
+                                 "ece_after": expected_calibration_error(y, p_log)}
         row["gap"] = row["val_auc"] - row["test"]["auc"]
         out[name] = row
     return out
@@ -118,6 +132,14 @@ def table(runs: list[dict]) -> str:
                      f"{m(lambda r: r['gap'])} | {m(lambda r: r['test']['log_loss_before'])} → "
                      f"{m(lambda r: r['test']['log_loss_after'])} | {m(lambda r: r['test']['ece_before'])} → "
                      f"{m(lambda r: r['test']['ece_after'])} | {folds} |")
+    folds = [r[n] for r in runs for n in names if "test_logit" in r[n]]
+    if folds:
+        def m(key: str) -> str:
+            vals = [f["test_logit"][key] for f in folds]
+            return f"{np.mean(vals):.3f}" + (f" ± {np.std(vals):.3f}" if len(vals) > 1 else "")
+
+        lines.append(f"| ↳ the same folds, `--ensemble logit` | | {m('auc')} | | {m('log_loss_before')} → "
+                     f"{m('log_loss_after')} | {m('ece_before')} → {m('ece_after')} | |")
     return "\n".join(lines)
 
 
