@@ -142,9 +142,9 @@ PRUNERS = ("auto", "median", "halving", "none")
 def resolve_pruner(name: str, cv: bool) -> str:
     """The pruner ``auto`` stands for: successive halving when a trial trains K heads, the median rule otherwise.
 
-    Measured with ``tools/bench_tune.py --folds 5 --pruner`` (see the README): a K-fold epoch costs about K holdout
-    epochs, and the median rule lets every trial run 3 epochs and every trial that keeps up with the median run until
-    early stopping, so most of a K-fold study's time goes to trials that end nowhere near the best.
+    Measured with ``tools/bench_tune.py --folds 5 --pruners auto,median`` (see the README): a K-fold epoch costs
+    about K holdout epochs, and the median rule lets every trial run 3 epochs and every trial that keeps up with the
+    median run until early stopping, so most of a K-fold study's time goes to trials that end nowhere near the best.
     """
     if name not in PRUNERS:
         raise OptionError(f"--pruner {name!r}: choose one of {', '.join(PRUNERS)}.")
@@ -192,9 +192,11 @@ def open_study(storage: BaseStorage, study_name: str, *, context: dict[str, Any]
         diffs = [f"{k}: study has {stored.get(k)!r}, now {context.get(k)!r}" for k in keys
                  if stored.get(k) != context.get(k)]
         if diffs:
+            hint = (" A study without a pruner in its settings ran under the median rule: pass --pruner median to "
+                    "continue it." if "pruner" in keys and stored.get("pruner") != context.get("pruner") else "")
             raise StudyError(f"study {study_name!r} was made with different settings ({'; '.join(diffs)}); its "
                              "trials are not comparable. Use another --study-name (or delete the storage) to start "
-                             "afresh.")
+                             f"afresh.{hint}")
     return study
 
 
