@@ -111,8 +111,8 @@ DEMO_FRAMES     ?= 3,5
 DEMO_TRIALS     ?= 30
 # 140 training videos: batches of 16 give the head 9 steps per epoch (64 would give 3 and stop it early).
 DEMO_TUNE_ARGS  ?= --batch-size 16
-# 140 clips of 3 frames, batches of 8: 18 steps per epoch. 2 epochs (measured 2026-12-02): val AUC 0.996, held-out
-# test AUC 0.993; a third epoch cost 33 s, the demo's 6 minutes on an AVX2 CPU, for test AUC 0.973.
+# 140 clips of 3 frames, batches of 8: 18 steps per epoch. 2 epochs (measured 2026-12-02): val AUC 0.994, held-out
+# test AUC 0.988; a third epoch cost 33 s of the 6 minutes on an AVX2 CPU (test AUC 0.973 after 3).
 DEMO_TRAIN_ARGS ?= --frames 3 --batch-size 8 --accum-steps 1 --epochs 2 --es-patience 3
 DEMO_DATA_ARGS  ?=
 
