@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import optuna
-import torch
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
@@ -54,7 +53,7 @@ from arena.models_folder import (
     STUDY_SUMMARY_FILE,
     HeadCheckpoint,
 )
-from arena.study_folds import HOLDOUT_OBJECTIVE, OOF_OBJECTIVE, write_fold_outputs
+from arena.study_folds import HOLDOUT_OBJECTIVE, OOF_OBJECTIVE, view_logits, write_fold_outputs
 from arena.study_storage import (
     create_storage,
     finished_trials,
@@ -374,11 +373,8 @@ def _save_holdout(params: HeadParams, store: HeadDataStore, models: Path, config
                           params=params.to_dict(), metrics=result.metrics, provenance=store.provenance)
     # The temperature is fitted on the TTA mean over every view the cache holds, what the submission averages.
     x, mask, views = store.val_in_every_view(params.frames)
-    head = ckpt.build().to(x.device)
-    with torch.no_grad():  # logit differences [M, V] on raw features, 256 videos at a time
-        z = torch.cat([torch.stack([head(x[i:i + 256, w], mask[i:i + 256])[0].float().diff(dim=-1)[:, 0]
-                                    for w in range(x.shape[1])], dim=1) for i in range(0, x.shape[0], 256)])
-    ckpt.calibration = {**fit_calibration(z.double().cpu().numpy(), data.val_y.cpu().numpy()), "views": list(views)}
+    z = view_logits(ckpt.build().to(x.device), x, mask)
+    ckpt.calibration = {**fit_calibration(z, data.val_y.cpu().numpy()), "views": list(views)}
     ckpt.save(models / BEST_HEAD_FILE)
     return {"retrained": {"val_loss": result.val_loss, "metrics": result.metrics, "calibration": ckpt.calibration},
             "skipped_videos": data.skipped}

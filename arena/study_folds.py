@@ -46,20 +46,23 @@ OOF_COLUMNS = ("key", "label", "fold", "p_fake", "p_fake_calibrated")
 
 
 @torch.no_grad()
+def view_logits(head: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor,
+                views: tuple[int, ...] | None = None) -> np.ndarray:
+    """Logit differences (fake - real) ``[M, W]`` of ``head`` on cached features ``x`` ``[M, V, K, d]`` (``mask``
+    ``[M, K]``), per view (``views``: indices along ``V``; None: all), in float32 on raw features (the submission
+    path), 256 videos at a time; float64 numpy, what `arena.calibration` fits a temperature on."""
+    views = tuple(range(x.shape[1])) if views is None else views
+    out = [torch.stack([head(x[i:i + 256, v], mask[i:i + 256])[0].float().diff(dim=-1)[:, 0] for v in views], dim=1)
+           for i in range(0, x.shape[0], 256)]
+    return torch.cat(out).double().cpu().numpy()
+
+
 def fold_logits(ckpt: HeadCheckpoint, data: FoldData, fold: int,
                 views: tuple[int, ...] | None = None) -> np.ndarray:
-    """Logit differences ``[M, W]`` of fold ``fold``'s videos by its head, per view (``views``: indices along
-    ``data.x``'s ``V``; None: every TTA view, what the submission averages), in float32 on raw features (the
-    submission path), 256 videos at a time."""
-    head = ckpt.build().to(data.x.device)
+    """`view_logits` of fold ``fold``'s videos by its head (``views`` None: every TTA view, what the submission
+    averages)."""
     rows = data.val_rows(fold).to(data.x.device)
-    views = tuple(range(len(data.variants))) if views is None else views
-    out = []
-    for start in range(0, rows.shape[0], 256):
-        idx = rows[start:start + 256]
-        out.append(torch.stack([head(data.x[idx, v], data.mask[idx])[0].float().diff(dim=-1)[:, 0]
-                                for v in views], dim=1))
-    return torch.cat(out).double().cpu().numpy()
+    return view_logits(ckpt.build().to(data.x.device), data.x[rows], data.mask[rows], views)
 
 
 def _oof_csv(data: FoldData, p: np.ndarray, p_cal: np.ndarray) -> str:

@@ -46,16 +46,13 @@ from arena.evaluate import labelled_items  # noqa: E402
 from arena.models_folder import BEST_HEAD_FILE, HeadCheckpoint, fold_dirs  # noqa: E402
 from arena.split import make_split  # noqa: E402
 from arena.study import tune_head  # noqa: E402
+from arena.study_folds import view_logits  # noqa: E402
 from arena.tta import VARIANTS  # noqa: E402
 
 
 def head_logits(ckpt: HeadCheckpoint, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Logit difference (fake - real) per video and TTA view, ``[N, V]``, from cached features ``[N, V, K, d]``."""
-    head = ckpt.build().eval()
-    xt, mt = torch.from_numpy(x), torch.from_numpy(mask)
-    with torch.no_grad():
-        return torch.stack([head(xt[:, v], mt)[0].float().diff(dim=-1)[:, 0] for v in range(x.shape[1])],
-                           dim=1).double().numpy()
+    return view_logits(ckpt.build().eval(), torch.from_numpy(x), torch.from_numpy(mask))
 
 
 def probs(z: np.ndarray, temperature: float) -> np.ndarray:
